@@ -1,0 +1,1 @@
+"""Data half of the retraining pipeline: store, fetch, manifest, validation, split."""

@@ -1,0 +1,11 @@
+"""Environment defaults that must be in place before Prefect is imported."""
+
+import logging
+import os
+
+# Show the plain library modules' log lines in the Prefect UI beside the task logs.
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "covid_data,covid_models")
+# These machines (and many clusters) have no route to Prefect's telemetry endpoint.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+for _name in ("covid_data", "covid_models"):
+    logging.getLogger(_name).setLevel(logging.INFO)

@@ -1,0 +1,418 @@
+"""The data and artefact store: one small interface, a local-folder and a GCS backend.
+
+Locations are URIs: ``/path``, ``file:///path`` or ``gs://bucket/prefix``. Keys are
+``/``-separated paths relative to the store's root.
+
+Two promises every backend keeps:
+
+* atomic writes: an object appears under its final name complete or not at all;
+* idempotent writes: an object whose checksum already matches is not written again, and an
+  existing object with *different* content is never replaced unless the caller asks for it
+  (``overwrite=True``, used only for pointers such as a champion model).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+class StoreError(RuntimeError):
+    """Base class for store failures."""
+
+
+class ObjectExistsError(StoreError):
+    """Raised instead of replacing an existing object whose content differs."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store could not be reached (after retries)."""
+
+
+def md5_file(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True)
+class PutResult:
+    key: str
+    written: bool  # False when an identical object was already there
+
+
+class Store(ABC):
+    """A flat key/value object store rooted at ``uri``."""
+
+    uri: str
+
+    # -- primitives each backend provides --------------------------------------------
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def checksum(self, key: str) -> str | None:
+        """Hex MD5 of the object, or None when it does not exist."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def _write_file(self, key: str, path: Path, *, create_only: bool) -> bool:
+        """Atomically place ``path``'s content at ``key``; False if create_only and it exists."""
+
+    @abstractmethod
+    def get_file(self, key: str, dest: Path) -> Path:
+        """Copy the object to a local file (atomically) and return its path."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` (recursive), sorted."""
+
+    @abstractmethod
+    def checksums(self, prefix: str = "") -> dict[str, str]:
+        """``{key: md5}`` for every object under ``prefix``, in one listing."""
+
+    def local_path(self, key: str) -> Path | None:
+        """A path readers can open directly, where the backend has one."""
+        return None
+
+    # -- shared behaviour ---------------------------------------------------------------
+    def uri_for(self, key: str) -> str:
+        return f"{self.uri.rstrip('/')}/{key.lstrip('/')}"
+
+    def child(self, prefix: str) -> Store:
+        return open_store(self.uri_for(prefix))
+
+    def put_file(self, key: str, path: Path, *, overwrite: bool = False, known_md5: str | None = None) -> PutResult:
+        """Store a local file under ``key``.
+
+        Skips the write when the stored object already has the same MD5. Raises
+        :class:`ObjectExistsError` when it differs, unless ``overwrite``.
+        """
+        local_md5 = md5_file(path)
+        current = known_md5 if known_md5 is not None else self.checksum(key)
+        if current == local_md5:
+            return PutResult(key, written=False)
+        if current is not None and not overwrite:
+            raise ObjectExistsError(
+                f"{self.uri_for(key)} already exists with different content; refusing to overwrite it"
+            )
+        if self._write_file(key, path, create_only=not overwrite):
+            return PutResult(key, written=True)
+        # Someone created it between our check and our write: compare again.
+        if self.checksum(key) == local_md5:
+            return PutResult(key, written=False)
+        raise ObjectExistsError(f"{self.uri_for(key)} was created concurrently with different content")
+
+    def put_bytes(self, key: str, data: bytes, *, overwrite: bool = False) -> PutResult:
+        with tempfile.NamedTemporaryFile(prefix="store-put-", delete=False) as tmp:
+            tmp.write(data)
+        try:
+            return self.put_file(key, Path(tmp.name), overwrite=overwrite)
+        finally:
+            os.unlink(tmp.name)
+
+    def put_text(self, key: str, text: str, *, overwrite: bool = False) -> PutResult:
+        return self.put_bytes(key, text.encode("utf-8"), overwrite=overwrite)
+
+    def read_text(self, key: str) -> str:
+        return self.read_bytes(key).decode("utf-8")
+
+    def put_many(
+        self,
+        items: Iterable[tuple[str, Path]],
+        *,
+        prefix: str = "",
+        workers: int = 8,
+    ) -> tuple[int, int]:
+        """Upload many files under ``prefix`` with one listing and a thread pool.
+
+        Returns ``(written, skipped)``.
+        """
+        existing = self.checksums(prefix)
+        items = list(items)
+        counts = {"written": 0, "skipped": 0}
+        lock = threading.Lock()
+
+        def one(item: tuple[str, Path]) -> None:
+            key, path = item
+            res = self.put_file(key, path, known_md5=existing.get(key))
+            with lock:
+                counts["written" if res.written else "skipped"] += 1
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            # list() re-raises the first worker exception here.
+            list(pool.map(one, items))
+        return counts["written"], counts["skipped"]
+
+
+# ---------------------------------------------------------------------------------------
+class LocalStore(Store):
+    """A folder on the local file system: the embedded default."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        p = (self.root / key).resolve()
+        if p != self.root and self.root not in p.parents:
+            raise StoreError(f"key {key!r} escapes the store root {self.root}")
+        return p
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def checksum(self, key: str) -> str | None:
+        p = self._path(key)
+        return md5_file(p) if p.is_file() else None
+
+    def read_bytes(self, key: str) -> bytes:
+        p = self._path(key)
+        try:
+            return p.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no object {self.uri_for(key)}") from None
+
+    def _write_file(self, key: str, path: Path, *, create_only: bool) -> bool:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
+                shutil.copyfileobj(src, out, _CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            if create_only:
+                try:
+                    os.link(tmp, dest)  # atomic "create if absent"
+                except FileExistsError:
+                    return False
+            else:
+                os.replace(tmp, dest)
+            return True
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        src = self._path(key)
+        if not src.is_file():
+            raise FileNotFoundError(f"no object {self.uri_for(key)}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        os.close(fd)
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)
+        return dest
+
+    def _iter(self, prefix: str) -> Iterable[Path]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            yield base
+            return
+        if not base.is_dir():
+            return
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    continue  # an in-flight write, not an object
+                yield Path(dirpath) / name
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(p.relative_to(self.root).as_posix() for p in self._iter(prefix))
+
+    def checksums(self, prefix: str = "") -> dict[str, str]:
+        # Hashing every file is the honest equivalent of GCS's stored MD5s.
+        return {p.relative_to(self.root).as_posix(): md5_file(p) for p in self._iter(prefix)}
+
+
+# ---------------------------------------------------------------------------------------
+class GCSStore(Store):
+    """A ``gs://bucket/prefix`` location through ``google-cloud-storage``.
+
+    Honours ``STORAGE_EMULATOR_HOST`` (then no credentials are needed). Transient errors
+    and an unreachable endpoint are retried with exponential backoff for up to
+    ``retry_deadline`` seconds (``COVID_STORE_RETRY_DEADLINE``), then reported as
+    :class:`StoreUnavailableError` naming the bucket and endpoint.
+    """
+
+    def __init__(self, uri: str, *, retry_deadline: float | None = None, client=None):
+        from google.api_core.retry import Retry
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        parsed = urlparse(uri)
+        self.bucket_name = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.uri = f"gs://{self.bucket_name}" + (f"/{self.prefix}" if self.prefix else "")
+        if retry_deadline is None:
+            retry_deadline = float(os.environ.get("COVID_STORE_RETRY_DEADLINE", "120"))
+        self.retry_deadline = retry_deadline
+        self._retry: Retry = DEFAULT_RETRY.with_timeout(retry_deadline)
+        self._client = client or _gcs_client()
+        self._bucket = self._client.bucket(self.bucket_name)
+        self.endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or "storage.googleapis.com"
+
+    def _name(self, key: str) -> str:
+        key = key.lstrip("/")
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        from google.api_core import exceptions as gexc
+        from requests import exceptions as rexc
+
+        try:
+            return fn(*args, retry=self._retry, timeout=min(60.0, self.retry_deadline), **kwargs)
+        except gexc.NotFound as e:
+            if "bucket" in str(e).lower() and not self._bucket_exists():
+                raise StoreUnavailableError(
+                    f"GCS bucket {self.bucket_name!r} does not exist (at {self.endpoint})"
+                ) from None
+            raise
+        except (gexc.RetryError, rexc.ConnectionError, rexc.Timeout, gexc.ServiceUnavailable) as e:
+            raise StoreUnavailableError(
+                f"GCS bucket {self.bucket_name!r} at {self.endpoint} is unreachable: {what} failed "
+                f"after retrying for {self.retry_deadline:.0f}s ({type(e).__name__}: {_short(e)})"
+            ) from e
+        except gexc.Forbidden as e:
+            raise StoreUnavailableError(
+                f"access to GCS bucket {self.bucket_name!r} was refused while trying to {what}: {_short(e)}"
+            ) from e
+
+    def _bucket_exists(self) -> bool:
+        try:
+            return self._client.lookup_bucket(self.bucket_name, retry=self._retry) is not None
+        except Exception:
+            return True
+
+    def exists(self, key: str) -> bool:
+        return self.checksum(key) is not None
+
+    def checksum(self, key: str) -> str | None:
+        blob = self._call(f"stat {key}", self._bucket.get_blob, self._name(key))
+        return _hex_md5(blob.md5_hash) if blob is not None else None
+
+    def read_bytes(self, key: str) -> bytes:
+        from google.api_core import exceptions as gexc
+
+        try:
+            return self._call(f"read {key}", self._bucket.blob(self._name(key)).download_as_bytes)
+        except gexc.NotFound:
+            raise FileNotFoundError(f"no object {self.uri_for(key)}") from None
+
+    def _write_file(self, key: str, path: Path, *, create_only: bool) -> bool:
+        from google.api_core import exceptions as gexc
+
+        blob = self._bucket.blob(self._name(key))
+        extra = {"if_generation_match": 0} if create_only else {}
+        try:
+            # A GCS object only becomes visible once its upload is finalised: atomic by design.
+            self._call(f"write {key}", blob.upload_from_filename, str(path), **extra)
+        except gexc.PreconditionFailed:
+            return False
+        return True
+
+    def get_file(self, key: str, dest: Path) -> Path:
+        from google.api_core import exceptions as gexc
+
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
+        os.close(fd)
+        try:
+            self._call(f"read {key}", self._bucket.blob(self._name(key)).download_to_filename, tmp)
+            os.replace(tmp, dest)
+        except gexc.NotFound:
+            raise FileNotFoundError(f"no object {self.uri_for(key)}") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return dest
+
+    def _blobs(self, prefix: str):
+        full = self._name(prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        return self._call(
+            f"list {prefix or '/'}", lambda **kw: list(self._client.list_blobs(self.bucket_name, prefix=full, **kw))
+        )
+
+    def _key(self, name: str) -> str:
+        return name[len(self.prefix) + 1 :] if self.prefix else name
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(self._key(b.name) for b in self._blobs(prefix))
+
+    def checksums(self, prefix: str = "") -> dict[str, str]:
+        return {self._key(b.name): _hex_md5(b.md5_hash) for b in self._blobs(prefix)}
+
+
+def _hex_md5(b64: str | None) -> str | None:
+    return base64.b64decode(b64).hex() if b64 else None
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    s = str(e).replace("\n", " ")
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
+def _gcs_client():
+    from google.cloud import storage
+
+    if os.environ.get("STORAGE_EMULATOR_HOST"):
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(
+            project=os.environ.get("GOOGLE_CLOUD_PROJECT", "local"), credentials=AnonymousCredentials()
+        )
+    return storage.Client()
+
+
+def open_store(uri: str | Path) -> Store:
+    """Open a store from a URI: ``/path``, ``file:///path`` or ``gs://bucket/prefix``."""
+    uri = str(uri)
+    if uri.startswith("gs://"):
+        if not urlparse(uri).netloc:
+            raise ValueError(f"store URI {uri!r} names no bucket")
+        return GCSStore(uri)
+    if uri.startswith("file://"):
+        return LocalStore(urlparse(uri).path)
+    if "://" in uri:
+        raise ValueError(f"unsupported store URI {uri!r}: use a path, file://... or gs://bucket/prefix")
+    return LocalStore(uri)
+
+
+def split_object_uri(uri: str) -> tuple[Store, str]:
+    """``gs://b/p/x.json`` -> (store at gs://b/p, "x.json")."""
+    uri = str(uri).rstrip("/")
+    parent, _, name = uri.rpartition("/")
+    if not name or not parent:
+        raise ValueError(f"{uri!r} is not an object URI")
+    return open_store(parent), name
+
+
+def read_object(uri: str) -> bytes:
+    store, key = split_object_uri(uri)
+    return store.read_bytes(key)

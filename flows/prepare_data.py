@@ -1,0 +1,106 @@
+"""The ``prepare-data`` flow: fetch -> manifest -> publish -> validate -> split.
+
+    python -m flows.prepare_data --source kaggle --store gs://bucket/covid
+    python -m flows.prepare_data --source ../shared/data/covid19-radiography-sample \
+        --store .store --profile shared-sample
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Literal
+
+from prefect import flow
+from prefect.artifacts import create_table_artifact
+
+from tasks.data import build_manifest, fetch_source, publish_dataset, split_dataset, validate_dataset
+
+DEFAULT_SOURCE = os.environ.get("COVID_DATA_SOURCE", "kaggle")
+DEFAULT_STORE = os.environ.get("COVID_STORE", ".store")
+
+
+@flow(name="prepare-data")
+def prepare_data(
+    source: str = DEFAULT_SOURCE,
+    store: str = DEFAULT_STORE,
+    profile: str = "kaggle",
+    image_size: int | None = 299,
+    size_mismatch: Literal["warn", "fail"] = "fail",
+    unreadable: Literal["exclude", "fail"] = "exclude",
+    train: float = 0.7,
+    val: float = 0.1,
+    test: float = 0.2,
+    seed: int = 42,
+    near_dup_distance: int = 4,
+    cache_dir: str | None = None,
+) -> dict[str, Any]:
+    """Bring the dataset into the store, validate it and split it.
+
+    Returns the store URIs of the dataset version, its manifest, the validation result and
+    the split, with the split's hash (the cache key of later steps).
+    """
+    staged = fetch_source(source, cache_dir)
+    manifest_path = build_manifest(staged)
+    dataset = publish_dataset(manifest_path, staged, store)
+    validation = validate_dataset(
+        dataset,
+        profile,
+        image_size=(image_size, image_size) if image_size else None,
+        size_mismatch=size_mismatch,
+        unreadable=unreadable,
+    )
+    split = split_dataset(
+        dataset,
+        {"train": train, "val": val, "test": test, "seed": seed, "near_dup_distance": near_dup_distance},
+        wait_for=[validation],
+    )
+    create_table_artifact(
+        [{"split": s, **counts} for s, counts in split["counts"].items()],
+        key="split-counts",
+        description=f"images per split and class, split {split['split_hash']}",
+    )
+    return {
+        "dataset": dataset["uri"],
+        "dataset_version": dataset["version"],
+        "manifest": dataset["manifest_uri"],
+        "validation": validation["result_uri"],
+        "split": split["uri"],
+        "split_hash": split["split_hash"],
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m flows.prepare_data", description=prepare_data.description)
+    p.add_argument("--source", default=DEFAULT_SOURCE, help="kaggle[:owner/slug], a folder, a .zip or a store prefix")
+    p.add_argument("--store", default=DEFAULT_STORE, help="store URI: a path, file://... or gs://bucket/prefix")
+    p.add_argument("--profile", default="kaggle", help="validation profile: kaggle, shared-sample or any")
+    p.add_argument("--image-size", type=int, default=299, help="expected width and height (0: don't check)")
+    p.add_argument("--size-mismatch", choices=["warn", "fail"], default="fail")
+    p.add_argument("--unreadable", choices=["exclude", "fail"], default="exclude")
+    p.add_argument("--split", default="0.7,0.1,0.2", help="train,val,test ratios (the paper: 0.8,0.2,0)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--near-dup-distance", type=int, default=4)
+    p.add_argument("--cache-dir", default=None)
+    a = p.parse_args(argv)
+    train, val, test = (float(x) for x in a.split.split(","))
+    result = prepare_data(
+        source=a.source,
+        store=a.store,
+        profile=a.profile,
+        image_size=a.image_size or None,
+        size_mismatch=a.size_mismatch,
+        unreadable=a.unreadable,
+        train=train,
+        val=val,
+        test=test,
+        seed=a.seed,
+        near_dup_distance=a.near_dup_distance,
+        cache_dir=a.cache_dir,
+    )
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

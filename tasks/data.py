@@ -1,0 +1,111 @@
+"""Tasks of the data half: fetch -> manifest -> publish -> validate -> split.
+
+Between tasks only small records travel (local paths of staged files, store URIs, counts).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
+from covid_data.dataset import (
+    DatasetRef,
+    Staged,
+    default_cache_dir,
+    manifest_of,
+    parse_source,
+    publish_version,
+    stage_source,
+)
+from covid_data.manifest import read_parquet_bytes, to_parquet_bytes
+from covid_data.split import SplitConfig, write_split
+from covid_data.store import open_store
+from covid_data.validation import DataValidationError, get_profile, validate_manifest
+
+
+def _progress_reporter(description: str):
+    artifact_id = create_progress_artifact(0.0, description=description)
+
+    def report(done: int, total: int) -> None:
+        update_progress_artifact(artifact_id, 100.0 * done / max(total, 1))
+
+    return report
+
+
+@task(name="fetch-source", retries=2, retry_delay_seconds=[10, 60])
+def fetch_source(source: str, cache_dir: str | None = None) -> dict[str, Any]:
+    """Download (Kaggle), unpack (zip) or locate (folder, store prefix) the source images."""
+    staged = stage_source(parse_source(source), Path(cache_dir) if cache_dir else default_cache_dir())
+    get_run_logger().info("source %s staged at %s", staged.source, staged.root)
+    return asdict(staged)
+
+
+@task(name="build-manifest")
+def build_manifest(staged: dict[str, Any], workers: int | None = None) -> str:
+    """Inspect every file; returns the path of the manifest (a local Parquet scratch file)."""
+    s = Staged(**staged)
+    manifest = manifest_of(s, workers=workers, progress=_progress_reporter("inspecting images"))
+    out = Path(tempfile.gettempdir()) / "covid-xray-manifests" / f"{uuid.uuid4().hex}.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(to_parquet_bytes(manifest))
+    get_run_logger().info(
+        "manifest: %d files, %d undecodable; classes %s",
+        len(manifest),
+        int(manifest["error"].notna().sum()),
+        manifest["label"].value_counts().to_dict(),
+    )
+    return str(out)
+
+
+@task(name="publish-dataset", retries=2, retry_delay_seconds=[10, 60])
+def publish_dataset(manifest_path: str, staged: dict[str, Any], store: str) -> dict[str, Any]:
+    """Upload the images and manifest as a content-addressed dataset version."""
+    manifest = read_parquet_bytes(Path(manifest_path).read_bytes())
+    ref = publish_version(open_store(store), manifest, Path(staged["root"]), source=staged["source"])
+    return ref.to_dict()
+
+
+@task(name="validate-dataset")
+def validate_dataset(dataset: dict[str, Any], profile: str = "kaggle", **overrides: Any) -> dict[str, Any]:
+    """Run the expectation suite; save the result and a summary; fail on a critical finding."""
+    ref = DatasetRef(**{k: dataset[k] for k in DatasetRef.__dataclass_fields__})
+    store = open_store(ref.store)
+    cfg = get_profile(profile, **overrides)
+    manifest = read_parquet_bytes(store.read_bytes(f"{ref.prefix}/manifest.parquet"))
+    report = validate_manifest(manifest, cfg)
+    prefix = f"{ref.prefix}/validation/{profile}-{cfg.fingerprint()}"
+    summary = report.summary_markdown(ref.uri)
+    # Reports are derived and re-derivable; replacing one never touches the dataset itself.
+    store.put_text(f"{prefix}/result.json", report.to_json(), overwrite=True)
+    store.put_text(f"{prefix}/summary.md", summary, overwrite=True)
+    create_markdown_artifact(summary, key="data-validation", description=f"validation of {ref.version}")
+    logger = get_run_logger()
+    for w in report.warnings:
+        logger.warning("validation warning: %s (%s)", w.description, w.observed)
+    if report.excluded:
+        logger.warning("%d undecodable files excluded from the split", len(report.excluded))
+    if not report.success:
+        raise DataValidationError(report.failure_message(ref.uri) + f"\nfull report: {store.uri_for(prefix)}")
+    return {"success": True, "result_uri": store.uri_for(f"{prefix}/result.json"), "excluded": len(report.excluded)}
+
+
+@task(name="split-dataset")
+def split_dataset(dataset: dict[str, Any], split: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Stratified, leak-free train/val/test split, stored with its own hash."""
+    store = open_store(dataset["store"])
+    manifest = read_parquet_bytes(store.read_bytes(f"datasets/{dataset['version']}/manifest.parquet"))
+    ref = write_split(store, dataset["version"], manifest, SplitConfig(**(split or {})))
+    get_run_logger().info(
+        "split %s: %s (%d duplicate groups kept together)",
+        ref.split_hash,
+        json.dumps({k: sum(v.values()) for k, v in ref.counts.items()}),
+        ref.duplicate_groups,
+    )
+    return ref.to_dict()
