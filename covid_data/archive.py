@@ -31,7 +31,8 @@ def _check_entry(info: zipfile.ZipInfo, archive: Path, max_entry: int, max_ratio
     mode = info.external_attr >> 16
     if stat.S_ISLNK(mode):
         raise UnsafeArchiveError(f"{archive}: entry {name!r} is a symbolic link; links are not unpacked")
-    if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    # Many writers store permission bits only (no file type): those are plain files.
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG, stat.S_IFDIR):
         raise UnsafeArchiveError(f"{archive}: entry {name!r} is not a regular file or folder")
     if info.file_size > max_entry:
         raise UnsafeArchiveError(

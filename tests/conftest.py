@@ -1,0 +1,144 @@
+"""Shared fixtures: seeded samples of the real data, a GCS emulator, a Kaggle API stub, Prefect."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+# The kaggle client reads its endpoint when first imported: point it at the loopback stub
+# (http://localhost, port 80) and away from any real credentials on this machine.
+os.environ["KAGGLE_API_ENVIRONMENT"] = "LOCALHOST"
+os.environ["KAGGLE_CONFIG_DIR"] = tempfile.mkdtemp(prefix="kaggle-config-")
+for _var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+    os.environ.pop(_var, None)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from tests.kaggle_stub import KaggleStub  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SAMPLE = SHARED / "data" / "covid19-radiography-sample"
+SAMPLE_ROOT = SAMPLE / "COVID-19_Radiography_Dataset"
+MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.weights.h5"
+CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
+
+
+def _require_sample() -> None:
+    if not SAMPLE_ROOT.is_dir():
+        pytest.skip(f"needs the shared X-ray sample at {SAMPLE} (../shared beside the checkout)")
+
+
+def sample_files(n_per_class: int, seed: int = 0) -> dict[str, list[Path]]:
+    """A seeded choice of real images per class from the shared sample."""
+    _require_sample()
+    rng = random.Random(seed)
+    out = {}
+    for c in CLASSES:
+        files = sorted((SAMPLE_ROOT / c / "images").glob("*.png"))
+        out[c] = rng.sample(files, n_per_class)
+    return out
+
+
+def make_kaggle_folder(dest: Path, n_per_class: int = 12, seed: int = 0, extras: bool = True) -> Path:
+    """Copy a seeded sample into ``dest`` in the Kaggle layout (with masks/ and xlsx extras)."""
+    top = dest / "COVID-19_Radiography_Dataset"
+    for c, files in sample_files(n_per_class, seed).items():
+        (top / c / "images").mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copyfile(f, top / c / "images" / f.name)
+        if extras:
+            (top / c / "masks").mkdir(exist_ok=True)
+            shutil.copyfile(files[0], top / c / "masks" / files[0].name)
+            (top / f"{c}.metadata.xlsx").write_bytes(b"PK\x03\x04 not really a spreadsheet")
+    if extras:
+        (top / "README.md.txt").write_text("COVID-19 Radiography Database\n")
+    return dest
+
+
+@pytest.fixture
+def kaggle_folder(tmp_path: Path) -> Path:
+    return make_kaggle_folder(tmp_path / "src")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+GCS_BUCKET = "covid-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A real gcp-storage-emulator on loopback; yields its endpoint URL."""
+    port = _free_port()
+    exe = Path(sys.executable).parent / "gcp-storage-emulator"
+    proc = subprocess.Popen(
+        [str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
+         "--default-bucket", GCS_BUCKET, "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_port(port)
+        endpoint = f"http://127.0.0.1:{port}"
+        old = os.environ.get("STORAGE_EMULATOR_HOST")
+        os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+        yield endpoint
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(params=["local", "gcs"])
+def store_uri(request, tmp_path: Path) -> str:
+    """A fresh, empty store of each backend."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    request.getfixturevalue("gcs_emulator")
+    return f"gs://{GCS_BUCKET}/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def kaggle_stub():
+    stub = KaggleStub()
+    try:
+        stub.start()
+    except OSError as e:
+        pytest.skip(f"the Kaggle API stub needs port 80 on loopback (the client's LOCALHOST endpoint): {e}")
+    yield stub
+    stub.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real temporary Prefect server (SQLite) for flow tests."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

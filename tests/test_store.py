@@ -1,0 +1,116 @@
+"""The same store contract on both backends: a local folder and GCS (through the emulator)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from covid_data.store import GCSStore, ObjectExistsError, StoreError, StoreUnavailableError, open_store
+
+
+def test_roundtrip_and_listing(store_uri: str, tmp_path: Path):
+    store = open_store(store_uri)
+    assert store.put_bytes("a/b/one.bin", b"1" * 10).written
+    src = tmp_path / "two.txt"
+    src.write_text("two")
+    assert store.put_file("a/two.txt", src).written
+    assert store.read_bytes("a/b/one.bin") == b"1" * 10
+    assert store.list("a") == ["a/b/one.bin", "a/two.txt"]
+    assert store.exists("a/two.txt") and not store.exists("a/three.txt")
+    got = store.get_file("a/two.txt", tmp_path / "dl" / "two.txt")
+    assert got.read_text() == "two"
+    assert store.checksums("a") == {k: store.checksum(k) for k in store.list("a")}
+    with pytest.raises(FileNotFoundError, match="a/missing"):
+        store.read_bytes("a/missing")
+
+
+def test_identical_write_is_skipped_and_different_content_is_refused(store_uri: str):
+    store = open_store(store_uri)
+    assert store.put_text("v1/data.json", '{"x": 1}').written
+    assert not store.put_text("v1/data.json", '{"x": 1}').written  # same checksum: no upload
+    with pytest.raises(ObjectExistsError, match="v1/data.json"):
+        store.put_text("v1/data.json", '{"x": 2}')
+    assert store.read_text("v1/data.json") == '{"x": 1}'  # nothing lost
+
+
+def test_pointer_updates_need_explicit_overwrite(store_uri: str):
+    store = open_store(store_uri)
+    store.put_text("champion.json", "old")
+    assert store.put_text("champion.json", "new", overwrite=True).written
+    assert store.read_text("champion.json") == "new"
+
+
+def test_put_many_uploads_only_what_changed(store_uri: str, tmp_path: Path):
+    store = open_store(store_uri)
+    files = []
+    for i in range(20):
+        p = tmp_path / f"f{i}.bin"
+        p.write_bytes(bytes([i]) * 100)
+        files.append((f"imgs/f{i}.bin", p))
+    assert store.put_many(files[:5], prefix="imgs") == (5, 0)
+    assert store.put_many(files, prefix="imgs") == (15, 5)
+    assert store.put_many(files, prefix="imgs") == (0, 20)
+
+
+def test_local_writes_are_atomic_for_concurrent_readers(tmp_path: Path):
+    store = open_store(tmp_path / "store")
+    payloads = [bytes([i]) * (4 << 20) for i in range(2)]  # 4 MB each: a copy takes many syscalls
+    store.put_bytes("big.bin", payloads[0])
+    stop = threading.Event()
+    seen_bad: list[int] = []
+
+    def reader():
+        while not stop.is_set():
+            data = store.read_bytes("big.bin")
+            if data not in payloads:
+                seen_bad.append(len(data))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for i in range(10):
+        store.put_bytes("big.bin", payloads[i % 2], overwrite=True)
+    stop.set()
+    t.join()
+    assert seen_bad == []
+    assert [p.name for p in (tmp_path / "store").iterdir()] == ["big.bin"]  # no temp files left
+
+
+def test_local_keys_cannot_escape_the_root(tmp_path: Path):
+    store = open_store(tmp_path / "store")
+    with pytest.raises(StoreError, match="escapes"):
+        store.put_text("../outside.txt", "x")
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_unreachable_bucket_retries_then_names_bucket_and_endpoint(monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    store = GCSStore("gs://unreachable-bucket/x", retry_deadline=4)
+    t0 = time.monotonic()
+    with pytest.raises(StoreUnavailableError) as err:
+        store.put_text("a.txt", "x")
+    elapsed = time.monotonic() - t0
+    msg = str(err.value)
+    assert "unreachable-bucket" in msg and f"127.0.0.1:{port}" in msg and "retrying" in msg
+    assert 2 <= elapsed < 30  # it backed off and retried, then gave up
+
+
+def test_missing_bucket_is_named(gcs_emulator):
+    store = GCSStore("gs://no-such-bucket-here/x", retry_deadline=5)
+    with pytest.raises(StoreUnavailableError, match="no-such-bucket-here.*does not exist"):
+        store.put_text("a.txt", "x")
+
+
+def test_store_uris():
+    assert open_store("file:///tmp/x").uri == "/tmp/x"
+    with pytest.raises(ValueError, match="unsupported store URI"):
+        open_store("s3://bucket/x")
+    with pytest.raises(ValueError, match="names no bucket"):
+        open_store("gs:///x")
