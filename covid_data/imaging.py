@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 from pathlib import Path
@@ -38,17 +39,28 @@ def inspect_image(data: bytes) -> dict:
     return out
 
 
+@functools.cache
+def _dct_basis(n: int = 32):
+    """Rows of the (unnormalised) DCT-II: ``basis @ x`` is scipy's ``dct(x, axis=0)``."""
+    import numpy as np
+
+    k = np.arange(n)[:, None]
+    return 2.0 * np.cos(np.pi * k * (2 * np.arange(n)[None, :] + 1) / (2 * n))
+
+
 def _phash(im) -> str:
-    """imagehash's pHash (DCT of a 32x32 thumbnail), with a box pre-reduction that makes
-    the thumbnail ~5x cheaper to compute; the hash is ours, so it only needs consistency."""
-    import imagehash
+    """imagehash's pHash (DCT of a 32x32 thumbnail, low 8x8 coefficients against their median)
+    with two changes that only make it cheaper: a box pre-reduction before the LANCZOS
+    thumbnail, and a matrix DCT that spares the workers importing scipy. Values can differ
+    from ``imagehash.phash`` by a few bits; the pipeline only compares its own hashes."""
     import numpy as np
     from PIL import Image
-    from scipy.fft import dct
 
     small = im.convert("L").resize((32, 32), Image.Resampling.LANCZOS, reducing_gap=2.0)
-    coeffs = dct(dct(np.asarray(small, dtype=np.float64), axis=0), axis=1)[:8, :8]
-    return str(imagehash.ImageHash(coeffs > np.median(coeffs)))
+    basis = _dct_basis()
+    coeffs = (basis @ np.asarray(small, dtype=np.float64) @ basis.T)[:8, :8]
+    bits = (coeffs > np.median(coeffs)).flatten()
+    return f"{int(''.join('1' if b else '0' for b in bits), 2):016x}"
 
 
 def inspect_path(args: tuple[str, str, str, str]) -> dict:

@@ -142,3 +142,72 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+class PrefectCLI:
+    """A real `prefect server start` (SQLite) on loopback, and the CLI pointed at it."""
+
+    def __init__(self, home: Path):
+        self.home = home
+        self.port = _free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.env = {
+            **os.environ,
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_URL": self.api,
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(self.port),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.procs: list[subprocess.Popen] = []
+        self.exe = str(Path(sys.executable).parent / "prefect")
+
+    def _spawn(self, cmd: list[str], log_name: str) -> None:
+        with open(self.home / log_name, "ab") as log:  # the child keeps its own copy of the fd
+            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+
+    def start_server(self) -> None:
+        self._spawn([self.exe, "server", "start"], "server.log")
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"Prefect server did not start; log: {(self.home / 'server.log').read_text()[-2000:]}")
+
+    def run(self, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+        res = subprocess.run([self.exe, *args], env=self.env, cwd=REPO, capture_output=True, text=True,
+                             timeout=timeout, **kw)  # fmt: skip
+        if res.returncode != 0:
+            raise RuntimeError(f"prefect {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def start_worker(self, pool: str, *extra: str) -> None:
+        self._spawn([self.exe, "worker", "start", "--pool", pool, *extra], f"worker-{pool}.log")
+
+    def log(self, name: str) -> str:
+        p = self.home / name
+        return p.read_text(errors="replace")[-4000:] if p.exists() else ""
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.terminate()
+        for p in reversed(self.procs):
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+@pytest.fixture(scope="session")
+def prefect_cli(tmp_path_factory):
+    cli = PrefectCLI(tmp_path_factory.mktemp("prefect-home"))
+    cli.start_server()
+    yield cli
+    cli.stop()
