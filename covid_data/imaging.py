@@ -69,7 +69,15 @@ def inspect_path(args: tuple[str, str, str, str]) -> dict:
         data = Path(source).read_bytes()
     except OSError as e:
         return {
-            "path": path, "label": label, "source_path": source_path, "sha256": None, "bytes": None,
-            "width": None, "height": None, "mode": None, "phash": None, "error": f"unreadable: {e}",
-        }  # fmt: skip
+            "path": path,
+            "label": label,
+            "source_path": source_path,
+            "sha256": None,
+            "bytes": None,
+            "width": None,
+            "height": None,
+            "mode": None,
+            "phash": None,
+            "error": f"unreadable: {e}",
+        }
     return {"path": path, "label": label, "source_path": source_path, **inspect_image(data)}

@@ -173,8 +173,12 @@ def write_split(store: Store, version: str, manifest: pd.DataFrame, cfg: SplitCo
         store.put_text(f"{ref.prefix}/split.json", json.dumps(info, indent=2, sort_keys=True))
     log.info(
         "split %s of dataset %s: %s; %d duplicate groups kept within one split; %d rows excluded",
-        h, version, {s: sum(v.values()) for s, v in ref.counts.items()}, n_dup, ref.excluded,
-    )  # fmt: skip
+        h,
+        version,
+        {s: sum(v.values()) for s, v in ref.counts.items()},
+        n_dup,
+        ref.excluded,
+    )
     return ref
 
 

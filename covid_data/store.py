@@ -14,6 +14,7 @@ Two promises every backend keeps:
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
 import os
@@ -30,6 +31,8 @@ from urllib.parse import urlparse
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class StoreError(RuntimeError):
@@ -93,6 +96,11 @@ class Store(ABC):
     @abstractmethod
     def checksums(self, prefix: str = "") -> dict[str, str]:
         """``{key: md5}`` for every object under ``prefix``, in one listing."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove one object (absent is fine). For scratch such as training backups only:
+        published datasets and models are never deleted."""
 
     def local_path(self, key: str) -> Path | None:
         """A path readers can open directly, where the backend has one."""
@@ -203,6 +211,7 @@ class LocalStore(Store):
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; objects are ordinary files
         try:
             with os.fdopen(fd, "wb") as out, open(path, "rb") as src:
                 shutil.copyfileobj(src, out, _CHUNK)
@@ -219,6 +228,9 @@ class LocalStore(Store):
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
 
     def get_file(self, key: str, dest: Path) -> Path:
         src = self._path(key)
@@ -336,6 +348,12 @@ class GCSStore(Store):
         except gexc.PreconditionFailed:
             return False
         return True
+
+    def delete(self, key: str) -> None:
+        from google.api_core import exceptions as gexc
+
+        with contextlib.suppress(gexc.NotFound):
+            self._call(f"delete {key}", self._bucket.blob(self._name(key)).delete)
 
     def get_file(self, key: str, dest: Path) -> Path:
         from google.api_core import exceptions as gexc

@@ -95,11 +95,21 @@ def gcs_emulator():
     port = _free_port()
     exe = Path(sys.executable).parent / "gcp-storage-emulator"
     proc = subprocess.Popen(
-        [str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory",
-         "--default-bucket", GCS_BUCKET, "-q"],
+        [
+            str(exe),
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--in-memory",
+            "--default-bucket",
+            GCS_BUCKET,
+            "-q",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     try:
         _wait_port(port)
         endpoint = f"http://127.0.0.1:{port}"
@@ -182,8 +192,9 @@ class PrefectCLI:
         raise RuntimeError(f"Prefect server did not start; log: {(self.home / 'server.log').read_text()[-2000:]}")
 
     def run(self, *args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
-        res = subprocess.run([self.exe, *args], env=self.env, cwd=REPO, capture_output=True, text=True,
-                             timeout=timeout, **kw)  # fmt: skip
+        res = subprocess.run(
+            [self.exe, *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw
+        )
         if res.returncode != 0:
             raise RuntimeError(f"prefect {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res
@@ -211,3 +222,23 @@ def prefect_cli(tmp_path_factory):
     cli.start_server()
     yield cli
     cli.stop()
+
+
+@pytest.fixture(scope="session")
+def small_split(tmp_path_factory) -> str:
+    """A published dataset of 15 real X-rays per class with a 60/20/20 split: the split's URI."""
+    from covid_data.dataset import fetch_dataset, load_manifest
+    from covid_data.split import SplitConfig, write_split
+    from covid_data.store import open_store
+
+    base = tmp_path_factory.mktemp("small-split")
+    ref = fetch_dataset(str(make_kaggle_folder(base / "src", n_per_class=15, seed=41)), str(base / "store"))
+    store = open_store(ref.store)
+    split = write_split(store, ref.version, load_manifest(store, ref.version), SplitConfig(0.6, 0.2, 0.2))
+    return split.uri
+
+
+@pytest.fixture(autouse=True)
+def _no_weight_downloads(monkeypatch):
+    """Tests never download weights: an absent file is an error naming it."""
+    monkeypatch.setenv("COVID_WEIGHTS_DOWNLOAD", "0")

@@ -16,15 +16,30 @@ pytestmark = pytest.mark.slow
 def test_prepare_data_runs_from_its_deployment(prefect_cli, tmp_path: Path):
     source = make_kaggle_folder(tmp_path / "src", n_per_class=10, seed=31)
     store = tmp_path / "store"
-    prefect_cli.run("work-pool", "create", "local-process", "--type", "process", "--overwrite",
-                    "--base-job-template", "deployments/local-process-pool.json")  # fmt: skip
+    prefect_cli.run(
+        "work-pool",
+        "create",
+        "local-process",
+        "--type",
+        "process",
+        "--overwrite",
+        "--base-job-template",
+        "deployments/local-process-pool.json",
+    )
     prefect_cli.run("--no-prompt", "deploy", "--name", "prepare-data/adhoc")
     prefect_cli.start_worker("local-process")
     params = {"source": str(source), "store": str(store), "profile": "any", "cache_dir": str(tmp_path / "cache")}
     res = prefect_cli.run(
-        "deployment", "run", "prepare-data/adhoc", "--params", json.dumps(params), "--watch", "--watch-timeout", "300",
+        "deployment",
+        "run",
+        "prepare-data/adhoc",
+        "--params",
+        json.dumps(params),
+        "--watch",
+        "--watch-timeout",
+        "300",
         timeout=360,
-    )  # fmt: skip
+    )
     assert "Completed" in res.stdout, res.stdout + prefect_cli.log("worker-local-process.log")
     keys = open_store(store).list()
     assert sum(k.endswith(".png") for k in keys) == 40

@@ -1,0 +1,181 @@
+"""The tf.data input pipeline: the paper's steps, made fast.
+
+read -> decode PNG/JPEG -> grayscale/RGB -> resize -> cache -> shuffle (train) -> repeat (train)
+-> batch -> prefetch.
+
+Images are read straight from a local store, or staged once from ``gs://`` into a local cache.
+The decoded, resized images are cached on disk (as uint8, 4x smaller than float32) under a
+key of split hash, split name, size and channels, so a second model or run at the same size
+skips decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covid_data.dataset import default_cache_dir
+from covid_data.labels import CLASSES
+from covid_data.split import load_split
+from covid_data.store import open_store, split_object_uri
+
+log = logging.getLogger(__name__)
+
+PER_REPLICA_BATCH = 16  # the paper's batch size
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """Where a split's images are, as local files, with integer labels."""
+
+    split_hash: str
+    version: str
+    root: Path
+    frames: dict[str, pd.DataFrame]  # split name -> rows (path, label, y)
+
+    def files(self, split: str) -> tuple[list[str], np.ndarray]:
+        df = self.frames[split]
+        return [str(self.root / p) for p in df["path"]], df["y"].to_numpy(dtype="int32")
+
+    def size(self, split: str) -> int:
+        return len(self.frames.get(split, ()))
+
+
+def load_split_data(split_uri: str, cache_dir: Path | None = None) -> SplitData:
+    """Resolve a split in the store to local image files (staging from GCS once)."""
+    table = load_split(split_uri)
+    split_store, _ = split_object_uri(split_uri)  # .../datasets/<v>/splits/<hash>/split.parquet
+    split_hash = split_store.uri.rstrip("/").rsplit("/", 1)[-1]
+    dataset_uri = split_store.uri.rsplit("/splits/", 1)[0]
+    version = dataset_uri.rstrip("/").rsplit("/", 1)[-1]
+    dataset = open_store(dataset_uri)
+    root = dataset.local_path("")
+    if root is None:
+        root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "images" / version
+        _stage(dataset, table["path"].tolist(), root)
+    table = table.assign(y=table["label"].map({c: i for i, c in enumerate(CLASSES)}).astype("int32"))
+    frames = {s: g.reset_index(drop=True) for s, g in table.groupby("split", sort=False)}
+    return SplitData(split_hash, version, Path(root), frames)
+
+
+def _stage(dataset, paths: list[str], root: Path) -> None:
+    missing = [p for p in paths if not (root / p).is_file()]
+    if not missing:
+        return
+    log.info("staging %d images from %s into %s", len(missing), dataset.uri, root)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda p: dataset.get_file(p, root / p), missing))
+
+
+def global_batch_size(replicas: int = 1, per_replica: int = PER_REPLICA_BATCH) -> int:
+    return per_replica * max(1, replicas)
+
+
+def cache_path(cache_dir: Path, split_hash: str, split: str, size: int, channels: int) -> str:
+    d = Path(cache_dir) / "tfdata" / f"{split_hash}-{size}px-{channels}ch"
+    d.mkdir(parents=True, exist_ok=True)
+    return str(d / split)
+
+
+def decode_resize(path, size: int, channels: int):
+    """Read, decode (PNG or JPEG), convert to ``channels``, resize; uint8 out."""
+    import tensorflow as tf
+
+    img = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+    img = tf.image.resize(img, (size, size), method="bilinear", antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
+
+
+def _filled_cache(ds, prefix: str):
+    """``ds.cache(prefix)``, filled now by one full pass.
+
+    tf.data finalises a file cache only when an iterator reaches the end of the data, which
+    Keras' fit/predict (stopping after a known number of steps) never do; filling it here
+    makes the cache reliable. Another process filling the same cache at the same moment makes
+    this one read uncached instead of waiting.
+    """
+    import tensorflow as tf
+
+    if Path(prefix + ".index").exists():
+        return ds.cache(prefix)
+    t0 = time.perf_counter()
+    try:
+        n = int(ds.cache(prefix).reduce(0, lambda count, _: count + 1))
+    except (tf.errors.AlreadyExistsError, tf.errors.UnavailableError) as e:
+        log.warning("image cache %s is being written by another process; reading uncached (%s)", prefix, e)
+        return ds
+    log.info("cached %d decoded images at %s in %.1fs", n, prefix, time.perf_counter() - t0)
+    return ds.cache(prefix)
+
+
+def make_dataset(
+    files: list[str],
+    labels: np.ndarray,
+    *,
+    size: int,
+    channels: int = 1,
+    batch_size: int = PER_REPLICA_BATCH,
+    training: bool = False,
+    cache: str | None = None,
+    seed: int = 42,
+    augment=None,
+    repeat: bool | None = None,
+):
+    """A batched dataset of (float32 images 0-255, int labels).
+
+    ``cache`` is a file prefix for the on-disk cache of decoded, resized images, or None.
+    ``repeat`` defaults to ``training``: a repeating train set needs ``steps_per_epoch``.
+    """
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((files, labels))
+    ds = ds.map(lambda p, y: (decode_resize(p, size, channels), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if cache is not None:
+        ds = _filled_cache(ds, cache)
+    if training:
+        ds = ds.shuffle(min(len(files), 4096), seed=seed, reshuffle_each_iteration=True)
+    if training if repeat is None else repeat:
+        ds = ds.repeat()
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size)
+    if augment is not None:
+        ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def split_dataset(
+    data: SplitData,
+    split: str,
+    *,
+    size: int,
+    channels: int = 1,
+    batch_size: int = PER_REPLICA_BATCH,
+    training: bool = False,
+    cache_dir: Path | None = None,
+    seed: int = 42,
+    augment=None,
+    repeat: bool | None = None,
+):
+    files, labels = data.files(split)
+    cache = None
+    if cache_dir is not None and os.environ.get("COVID_TFDATA_CACHE", "1") != "0":
+        cache = cache_path(Path(cache_dir), data.split_hash, split, size, channels)
+    return make_dataset(
+        files,
+        labels,
+        size=size,
+        channels=channels,
+        batch_size=batch_size,
+        training=training,
+        cache=cache,
+        seed=seed,
+        augment=augment,
+        repeat=repeat,
+    )

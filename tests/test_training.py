@@ -1,0 +1,181 @@
+"""Training and evaluation: metrics, the feature cache, artefacts, and resuming after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covid_models.evaluate import classification_metrics, expected_calibration_error, wilson_interval
+from covid_models.train import TrainConfig, load_trained_model, train_model
+from tests.conftest import MOBILENET_WEIGHTS, REPO
+
+
+def test_metrics_on_a_known_confusion():
+    # 4 samples per class; COVID: 3 right, 1 called Normal; one Normal called COVID.
+    y = np.repeat(np.arange(4), 4)
+    pred = y.copy()
+    pred[3] = 2
+    pred[8] = 0
+    probs = np.full((16, 4), 0.1)
+    probs[np.arange(16), pred] = 0.7
+    m = classification_metrics(probs, y)
+    assert m["accuracy"] == pytest.approx(14 / 16)
+    assert m["confusion_matrix"][0] == [3, 0, 1, 0] and m["confusion_matrix"][2] == [1, 0, 3, 0]
+    assert m["covid_sensitivity"] == pytest.approx(3 / 4)
+    assert m["covid_specificity"] == pytest.approx(11 / 12)
+    assert m["per_class"]["COVID"]["precision"] == pytest.approx(3 / 4)
+    assert m["macro_f1"] == pytest.approx(np.mean([0.75, 1.0, 0.75, 1.0]))
+    assert m["balanced_accuracy"] == pytest.approx(14 / 16)
+    assert m["loss"] == pytest.approx(-np.mean(np.log(np.where(pred == y, 0.7, 0.1))), rel=1e-6)
+    lo, hi = m["covid_sensitivity_ci95"]
+    assert lo < 0.75 < hi
+
+
+def test_wilson_interval_and_calibration_error():
+    lo, hi = wilson_interval(90, 100)
+    assert lo == pytest.approx(0.8256, abs=1e-4) and hi == pytest.approx(0.9448, abs=1e-4)
+    y = np.zeros(8, dtype=int)
+    calibrated = np.tile([0.75, 0.25 / 3, 0.25 / 3, 0.25 / 3], (8, 1))
+    calibrated[:2] = [0.25 / 3, 0.75, 0.25 / 3, 0.25 / 3]  # 6 of 8 right at confidence 0.75
+    assert expected_calibration_error(calibrated, y) == pytest.approx(0.0, abs=1e-9)
+    overconfident = np.tile([1.0, 0.0, 0.0, 0.0], (8, 1))
+    overconfident[:4] = [0.0, 1.0, 0.0, 0.0]
+    assert expected_calibration_error(overconfident, y) == pytest.approx(0.5)
+
+
+@pytest.fixture(scope="module")
+def trained_mobilenet(small_split, tmp_path_factory):
+    if not MOBILENET_WEIGHTS.is_file():
+        pytest.skip(f"needs the shared MobileNetV2 weights at {MOBILENET_WEIGHTS}")
+    base = tmp_path_factory.mktemp("mobilenet")
+    cfg = TrainConfig(
+        model="mobilenet_v2",
+        split=small_split,
+        out=str(base / "out"),
+        input_size=96,
+        epochs=3,
+        learning_rate=1e-4,
+        weights=str(MOBILENET_WEIGHTS),
+        cache_dir=str(base / "cache"),
+        verbose=0,
+    )
+    return cfg, train_model(cfg)
+
+
+def test_feature_cache_training_equals_the_joined_model(trained_mobilenet):
+    from covid_models.data import load_split_data, split_dataset
+
+    cfg, result = trained_mobilenet
+    assert list((Path(cfg.cache_dir) / "features").glob("*/train.npy"))  # it did use the feature cache
+    stored = json.loads((Path(cfg.out) / "metrics.json").read_text())
+    model = load_trained_model(f"{cfg.out}/model.keras")  # the joined model, loaded in safe mode
+    data = load_split_data(cfg.split)
+    for split in ("val", "test"):
+        probs = model.predict(split_dataset(data, split, size=96), verbose=0)
+        again = classification_metrics(probs, data.files(split)[1])
+        assert again["confusion_matrix"] == stored["metrics"][split]["confusion_matrix"]
+        assert again["loss"] == pytest.approx(stored["metrics"][split]["loss"], abs=1e-4)
+    assert result.val_accuracy == stored["metrics"]["val"]["accuracy"]
+    assert result.test_accuracy > 0.4  # 3 epochs on 9 images a class beat chance (0.25) with ImageNet features
+
+
+def test_artefacts_and_no_second_training(trained_mobilenet, caplog):
+    cfg, result = trained_mobilenet
+    out = Path(cfg.out)
+    for name in (
+        "model.keras",
+        "metrics.json",
+        "history.json",
+        "history.csv",
+        "curves.png",
+        "confusion_val.png",
+        "confusion_test.png",
+    ):
+        assert (out / name).is_file(), name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "backup").exists()  # checkpoints are scratch, removed after success
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2] and all("val_accuracy" in h for h in history)
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]["test"]
+    for key in (
+        "accuracy",
+        "loss",
+        "per_class",
+        "macro_f1",
+        "balanced_accuracy",
+        "roc_auc_ovr",
+        "confusion_matrix",
+        "covid_sensitivity_ci95",
+        "covid_specificity_ci95",
+        "ece",
+    ):
+        assert key in metrics
+    assert result.file_bytes == (out / "model.keras").stat().st_size
+    before = (out / "model.keras").stat().st_mtime_ns
+    again = train_model(cfg)
+    assert again.status == "cached" and again.val_accuracy == result.val_accuracy
+    assert (out / "model.keras").stat().st_mtime_ns == before
+
+
+def _train_cmd(split: str, out: Path, cache: Path, epochs: int) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "covid_models.train",
+        "--model",
+        "custom_cnn",
+        "--split",
+        split,
+        "--out",
+        str(out),
+        "--input-size",
+        "96",
+        "--epochs",
+        str(epochs),
+        "--patience",
+        "0",
+        "--batch-size",
+        "4",
+        "--cache-dir",
+        str(cache),
+        "--verbose",
+        "2",
+    ]
+
+
+def test_a_killed_training_resumes_where_it_stopped(small_split, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "first.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(_train_cmd(small_split, out, cache, 40), cwd=REPO, env=env, stdout=f, stderr=f)
+    history = out / "backup" / "main" / "history.csv"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if history.exists() and len(history.read_text().splitlines()) >= 4:  # header + 3 epochs
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed:\n" + log.read_text()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(history.read_text().splitlines()) - 1
+    assert not (out / "metrics.json").exists()
+
+    second = subprocess.run(
+        _train_cmd(small_split, out, cache, 40), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    first_epoch = int(re.search(r"Epoch (\d+)/40", second.stdout + second.stderr).group(1))
+    assert first_epoch >= done_before  # resumed (Keras counts from 1), not from epoch 1
+    assert first_epoch > 1
+    epochs = [h["epoch"] for h in json.loads((out / "history.json").read_text())]
+    assert epochs == list(range(40))
