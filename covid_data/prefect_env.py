@@ -7,5 +7,7 @@ import os
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "covid_data,covid_models")
 # These machines (and many clusters) have no route to Prefect's telemetry endpoint.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notes) is noise in task logs.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 for _name in ("covid_data", "covid_models"):
     logging.getLogger(_name).setLevel(logging.INFO)

@@ -48,11 +48,22 @@ class SplitData:
         return len(self.frames.get(split, ()))
 
 
-def load_split_data(split_uri: str, cache_dir: Path | None = None) -> SplitData:
-    """Resolve a split in the store to local image files (staging from GCS once)."""
+def load_split_data(split_uri: str, cache_dir: Path | None = None, max_per_class: int | None = None) -> SplitData:
+    """Resolve a split in the store to local image files (staging from GCS once).
+
+    ``max_per_class`` keeps at most that many images per class in each split (chosen in
+    content-hash order, so the same for every run) for quick runs; caches are keyed by it too.
+    """
     table = load_split(split_uri)
+    if max_per_class:
+        table = (
+            table.sort_values("sha256", kind="stable")
+            .groupby(["split", "label"], sort=False)
+            .head(max_per_class)
+            .sort_values("path", kind="stable")
+        )
     split_store, _ = split_object_uri(split_uri)  # .../datasets/<v>/splits/<hash>/split.parquet
-    split_hash = split_store.uri.rstrip("/").rsplit("/", 1)[-1]
+    split_hash = split_store.uri.rstrip("/").rsplit("/", 1)[-1] + (f"-cap{max_per_class}" if max_per_class else "")
     dataset_uri = split_store.uri.rsplit("/splits/", 1)[0]
     version = dataset_uri.rstrip("/").rsplit("/", 1)[-1]
     dataset = open_store(dataset_uri)

@@ -65,6 +65,7 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-5  # ... at this rate
     augment: bool = False
     feature_cache: bool = True  # frozen backbone, no augmentation: train the head on cached features
+    max_per_class: int | None = None  # at most this many images per class and split (quick runs)
     cache_dir: str | None = None
     seed: int = 42
     verbose: int = 2  # Keras progress: 2 = one line per epoch (readable in Prefect logs)
@@ -107,6 +108,13 @@ def _epoch_logger(path: Path):
             logs = logs or {}
             row = {"epoch": epoch, "seconds": round(time.perf_counter() - self._t0, 3)}
             row.update({k: float(logs[k]) for k in HISTORY_KEYS if k in logs})
+            log.info(
+                "epoch %d/%d done in %.1fs: %s",
+                epoch + 1,
+                self.params.get("epochs", 0),
+                row["seconds"],
+                ", ".join(f"{k} {row[k]:.4f}" for k in HISTORY_KEYS if k in row),
+            )
             new = not path.exists()
             with open(path, "a", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=["epoch", "seconds", *HISTORY_KEYS], extrasaction="ignore")
@@ -293,6 +301,11 @@ def _predict_images(model, cfg, data, cache, batch) -> dict[str, np.ndarray]:
     return out
 
 
+def cached_result(cfg: TrainConfig) -> TrainResult | None:
+    """The stored result when ``cfg.out`` already holds a completed model, else None."""
+    return _cached_result(open_store(cfg.out), cfg)
+
+
 def _cached_result(out: Store, cfg: TrainConfig) -> TrainResult | None:
     if not (out.exists("metrics.json") and out.exists("model.keras")):
         return None
@@ -315,7 +328,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     keras.utils.set_random_seed(cfg.seed)
     choice = select_strategy()
     batch = cfg.batch_size or global_batch_size(choice.replicas)
-    data = load_split_data(cfg.split, cache)
+    data = load_split_data(cfg.split, cache, cfg.max_per_class)
     log.info(
         "training %s at %dpx on %s images (batch %d, %s)",
         cfg.model,
@@ -446,9 +459,11 @@ def load_trained_model(uri: str):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m covid_models.train", description="Train and evaluate one model.")
-    p.add_argument("--model", required=True, choices=MODEL_NAMES)
-    p.add_argument("--split", required=True, help="URI of a split.parquet written by the prepare-data flow")
-    p.add_argument("--out", required=True, help="store URI for this model's artefacts")
+    p.add_argument("--config", help="a JSON file of TrainConfig fields (then the flags below are ignored)")
+    p.add_argument("--result-file", help="also write the result as JSON to this file")
+    p.add_argument("--model", choices=MODEL_NAMES)
+    p.add_argument("--split", help="URI of a split.parquet written by the prepare-data flow")
+    p.add_argument("--out", help="store URI for this model's artefacts")
     defaults = TrainConfig(model="custom_cnn", split="", out="")
     for name, f in TrainConfig.__dataclass_fields__.items():
         if name in ("model", "split", "out"):
@@ -461,9 +476,17 @@ def main(argv: list[str] | None = None) -> None:
             kind = {"int": int, "float": float}.get(str(f.type).replace(" | None", ""), str)
             p.add_argument(flag, type=kind, default=default)
     args = vars(p.parse_args(argv))
+    config, result_file = args.pop("config"), args.pop("result_file")
+    if config:
+        args = json.loads(Path(config).read_text())
+    elif not (args["model"] and args["split"] and args["out"]):
+        p.error("--model, --split and --out are required (or --config)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = train_model(TrainConfig(**args))
-    print(json.dumps(result.to_dict(), indent=2))
+    text = json.dumps(result.to_dict(), indent=2)
+    if result_file:
+        Path(result_file).write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

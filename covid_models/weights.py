@@ -46,10 +46,14 @@ def keras_file_names(model: str, input_size: int) -> list[str]:
     """File names that hold this model's no-top ImageNet weights, Keras' own first."""
     if model == "mobilenet_v2":
         rows = input_size if input_size in _MOBILENET_ROWS else 224  # Keras' own fallback
-        return [
-            f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5",
-            f"mobilenet_v2_1.0_{rows}_no_top.weights.h5",  # Keras 3 format, as converted here
-        ]
+        names = []
+        # The no-top convolution weights fit any input size; the 224 file is the usual one.
+        for r in dict.fromkeys([rows, 224]):
+            names += [
+                f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{r}_no_top.h5",
+                f"mobilenet_v2_1.0_{r}_no_top.weights.h5",  # Keras 3 format, as converted here
+            ]
+        return names
     return [
         _KERAS_FILES[model],
         _KERAS_FILES[model]
@@ -69,6 +73,11 @@ def resolve_imagenet(model: str, input_size: int) -> str | Path:
     if download_allowed():
         return "imagenet"
     raise missing_weights(model, folder / names[0], "downloads are disabled (COVID_WEIGHTS_DOWNLOAD=0)")
+
+
+def has_local_imagenet(model: str, input_size: int) -> bool:
+    """Whether ImageNet weights for ``model`` are in the local weights folder."""
+    return model != "custom_cnn" and any((weights_dir() / n).is_file() for n in keras_file_names(model, input_size))
 
 
 def missing_weights(model: str, expected: Path, why: str) -> MissingWeightsError:

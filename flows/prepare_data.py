@@ -68,6 +68,7 @@ def prepare_data(
         "validation": validation["result_uri"],
         "split": split["uri"],
         "split_hash": split["split_hash"],
+        "split_counts": split["counts"],
     }
 
 

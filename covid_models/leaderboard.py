@@ -1,0 +1,83 @@
+"""Ranking trained models: the leaderboard."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+COLUMNS = [
+    "rank",
+    "model",
+    "status",
+    "val_accuracy",
+    "val_loss",
+    "test_accuracy",
+    "test_macro_f1",
+    "test_covid_sensitivity",
+    "params",
+    "file_mb",
+    "train_seconds",
+    "epochs",
+    "error",
+]
+RANK_KEYS = {"val_accuracy": False, "val_loss": True, "test_accuracy": False, "test_macro_f1": False}
+
+
+def _num(v: Any) -> float:
+    return float("nan") if v is None else float(v)
+
+
+def leaderboard(records: list[dict[str, Any]], rank_by: str = "val_accuracy") -> pd.DataFrame:
+    """One row per model; succeeded models ranked by ``rank_by`` (validation accuracy, the
+    paper's choice), ties broken by validation loss, then by name; failed models last."""
+    if rank_by not in RANK_KEYS:
+        raise ValueError(f"cannot rank by {rank_by!r}; choose from {sorted(RANK_KEYS)}")
+    rows = []
+    for r in records:
+        ok = r.get("status") in ("trained", "cached")
+        rows.append(
+            {
+                "model": r["model"],
+                "status": r.get("status", "failed"),
+                "val_accuracy": _num(r.get("val_accuracy")) if ok else float("nan"),
+                "val_loss": _num(r.get("val_loss")) if ok else float("nan"),
+                "test_accuracy": _num(r.get("test_accuracy")) if ok else float("nan"),
+                "test_macro_f1": _num(r.get("test_macro_f1")) if ok else float("nan"),
+                "test_covid_sensitivity": _num(r.get("test_covid_sensitivity")) if ok else float("nan"),
+                "params": int(r.get("params") or 0),
+                "file_mb": round((r.get("file_bytes") or 0) / 1e6, 2),
+                "train_seconds": round(_num(r.get("train_seconds")), 1) if ok else float("nan"),
+                "epochs": int(r.get("epochs") or 0),
+                "error": "" if ok else str(r.get("error", ""))[:300],
+                "_ok": ok,
+            }
+        )
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=COLUMNS)
+    ascending = RANK_KEYS[rank_by]
+    primary = df[rank_by].fillna(math.inf if ascending else -math.inf)
+    df = df.assign(_primary=primary if ascending else -primary, _failed=~df["_ok"])
+    df = df.sort_values(["_failed", "_primary", "val_loss", "model"], kind="stable").reset_index(drop=True)
+    df.insert(0, "rank", range(1, len(df) + 1))
+    df.loc[df["_failed"], "rank"] = pd.NA
+    return df[COLUMNS]
+
+
+_DECIMALS = {"file_mb": 1, "train_seconds": 0}
+
+
+def to_markdown(board: pd.DataFrame) -> str:
+    def fmt(col: str, v: Any) -> str:
+        if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        if col in ("rank", "params", "epochs"):
+            return f"{int(v):,}" if col == "params" else str(int(v))
+        if isinstance(v, float):
+            return f"{v:.{_DECIMALS.get(col, 4)}f}"
+        return str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+    return head + "".join("| " + " | ".join(fmt(c, row[c]) for c in COLUMNS) + " |\n" for _, row in board.iterrows())
