@@ -78,23 +78,34 @@ class ExportResult:
         return asdict(self)
 
 
-def export_model(
-    model_uri: str,
-    store_uri: str,
-    prefix: str,
+def _upload_tree(store: Store, prefix: str, path: Path) -> None:
+    if path.is_dir():
+        items = [(f"{prefix}/{p.relative_to(path).as_posix()}", p) for p in path.rglob("*") if p.is_file()]
+        store.put_many(items, prefix=prefix)
+    else:
+        store.put_file(prefix, path)
+
+
+def _copy_tree(src: Store, src_prefix: str, dst: Store, dst_prefix: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in src.list(src_prefix):
+            _copy(src, key, dst, dst_prefix + key[len(src_prefix) :], Path(tmp))
+
+
+def _make_exports(
+    src: Store,
     *,
     split_uri: str,
     version: str,
     metrics: dict[str, Any],
-    int8: bool = True,
-    parity_images: int = 32,
-    max_per_class: int | None = None,
-) -> ExportResult:
-    """Core ML (fp16, and int8 weights) and TFLite exports of one trained model, checked."""
+    int8: bool,
+    parity_images: int,
+    max_per_class: int | None,
+) -> dict[str, Any]:
+    """Convert, check and store the exports beside the trained model (``exports/``); the record
+    ``exports/export.json`` is written last and marks them complete."""
     from covid_models.train import load_trained_model
 
-    store = open_store(store_uri)
-    src = open_store(model_uri)
     model = load_trained_model(src.uri_for("model.keras"))
     cfg = json.loads(src.read_text("metrics.json"))["config"]
     name, size, channels = cfg["model"], cfg["input_size"], cfg["channels"]
@@ -119,21 +130,19 @@ def export_model(
                 f"TFLite export of {name} differs from Keras by {diff:.2e} in probability on {len(images)} real "
                 f"test images (bound {TFLITE_MAX_PROB_DIFF:.0e})"
             )
-        uploaded = {}
-        for rec in [fp16, q8, tfl]:
-            if rec is None:
-                continue
-            path = Path(rec.path)
-            if path.is_dir():
-                items = [
-                    (f"{prefix}/{path.name}/{p.relative_to(path).as_posix()}", p)
-                    for p in path.rglob("*")
-                    if p.is_file()
-                ]
-                store.put_many(items, prefix=f"{prefix}/{path.name}")
-            else:
-                store.put_file(f"{prefix}/{path.name}", path)
-            uploaded[path.name] = store.uri_for(f"{prefix}/{path.name}")
+        for rec in (fp16, q8, tfl):
+            if rec is not None:
+                _upload_tree(src, f"exports/{Path(rec.path).name}", Path(rec.path))
+    record = {
+        "model": name,
+        "coreml_bytes": fp16.bytes,
+        "coreml_int8_bytes": q8.bytes if q8 else None,
+        "tflite_bytes": tfl.bytes,
+        "tflite_max_prob_diff": diff,
+        "checks": {"coreml": fp16.checks, "coreml_int8": q8.checks if q8 else None, "tflite_images": len(images)},
+        "version": version,
+    }
+    src.put_text("exports/export.json", json.dumps(record, indent=2))
     log.info(
         "exported %s: Core ML %.1f MB (int8 %s), TFLite %.1f MB, TFLite-Keras max |dp| %.1e",
         name,
@@ -142,16 +151,52 @@ def export_model(
         tfl.bytes / 1e6,
         diff,
     )
+    return record
+
+
+def export_model(
+    model_uri: str,
+    store_uri: str,
+    prefix: str,
+    *,
+    split_uri: str,
+    version: str,
+    metrics: dict[str, Any],
+    int8: bool = True,
+    parity_images: int = 32,
+    max_per_class: int | None = None,
+) -> ExportResult:
+    """Core ML (fp16, and int8 weights) and TFLite exports of one trained model, checked, copied
+    under ``prefix``. A model exported before (same trained model) is not converted again."""
+    src = open_store(model_uri)
+    record = json.loads(src.read_text("exports/export.json")) if src.exists("exports/export.json") else None
+    if record is None or (int8 and record["coreml_int8_bytes"] is None):
+        record = _make_exports(
+            src,
+            split_uri=split_uri,
+            version=version,
+            metrics=metrics,
+            int8=int8,
+            parity_images=parity_images,
+            max_per_class=max_per_class,
+        )
+    else:
+        log.info("exports of %s are already stored beside the model: not converted again", record["model"])
+    store = open_store(store_uri)
+    name = record["model"]
+    files = [f"{name}.mlpackage", f"{name}.tflite"] + ([f"{name}-int8.mlpackage"] if int8 else [])
+    for f in files:
+        _copy_tree(src, f"exports/{f}", store, f"{prefix}/{f}")
     return ExportResult(
         model=name,
-        coreml=uploaded[f"{name}.mlpackage"],
-        coreml_bytes=fp16.bytes,
-        coreml_int8=uploaded.get(f"{name}-int8.mlpackage"),
-        coreml_int8_bytes=q8.bytes if q8 else None,
-        tflite=uploaded[f"{name}.tflite"],
-        tflite_bytes=tfl.bytes,
-        tflite_max_prob_diff=diff,
-        checks={"coreml": fp16.checks, "coreml_int8": q8.checks if q8 else None, "tflite_images": len(images)},
+        coreml=store.uri_for(f"{prefix}/{name}.mlpackage"),
+        coreml_bytes=record["coreml_bytes"],
+        coreml_int8=store.uri_for(f"{prefix}/{name}-int8.mlpackage") if int8 else None,
+        coreml_int8_bytes=record["coreml_int8_bytes"] if int8 else None,
+        tflite=store.uri_for(f"{prefix}/{name}.tflite"),
+        tflite_bytes=record["tflite_bytes"],
+        tflite_max_prob_diff=record["tflite_max_prob_diff"],
+        checks=record["checks"],
     )
 
 

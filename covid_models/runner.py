@@ -22,6 +22,9 @@ from covid_models.train import TrainConfig, TrainResult
 log = logging.getLogger(__name__)
 
 
+_NOISE = ("W0000", "I0000", "E0000", "WARNING: All log messages")
+
+
 class TrainingFailed(RuntimeError):
     """The training process exited with an error."""
 
@@ -58,5 +61,9 @@ def train_in_subprocess(
                     on_line(line)
             code = proc.wait(timeout)
         if code != 0 or not result.exists():
-            raise TrainingFailed(f"training {cfg.model} failed (exit code {code}):\n" + "\n".join(tail[-25:]))
+            useful = [t for t in tail if not t.startswith(_NOISE)]
+            raise TrainingFailed(
+                f"training {cfg.model} failed (exit code {code}): {useful[-1] if useful else ''}\n"
+                + "\n".join(useful[-20:])
+            )
         return TrainResult(**json.loads(result.read_text()))

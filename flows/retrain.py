@@ -201,7 +201,7 @@ def retrain(
     rank_by: str = "val_accuracy",
     max_parallel: int | None = None,
     train_deployment: str | None = None,
-    int8: bool = True,
+    int8: bool | None = None,
     champion_margin: float = 0.0,
     covid_sensitivity_floor: float = 0.85,
 ) -> dict[str, Any]:
@@ -232,13 +232,17 @@ def retrain(
     exports = []
     if len(ok) >= needed:
         for r in ok[:needed]:
+            rec = by_model[r["model"]]
+            # The version names the trained model (split and settings), so exports are reusable.
+            version = "/".join(rec["out"].rstrip("/").rsplit("/", 2)[-2:])
             exports.append(
                 export_top_model(
-                    by_model[r["model"]],
+                    rec,
                     store,
                     f"runs/{run_id}/exports",
                     split_uri,
-                    version=f"{run_id}/{r['model']}",
+                    version=version,
+                    int8=p.int8 if int8 is None else int8,
                     max_per_class=p.max_per_class,
                 )
             )

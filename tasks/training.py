@@ -42,7 +42,13 @@ def train_model(config: dict[str, Any], threads: int | None = None) -> dict[str,
 
 @task(name="export-model", task_run_name="export-{record[model]}")
 def export_top_model(
-    record: dict[str, Any], store: str, prefix: str, split_uri: str, version: str, max_per_class: int | None = None
+    record: dict[str, Any],
+    store: str,
+    prefix: str,
+    split_uri: str,
+    version: str,
+    int8: bool = True,
+    max_per_class: int | None = None,
 ) -> dict[str, Any]:
     """Core ML and TFLite exports of one top model, checked, under ``prefix`` in the store."""
     metrics = {k: record[k] for k in ("val_accuracy", "test_accuracy", "test_macro_f1", "test_covid_sensitivity")}
@@ -53,6 +59,7 @@ def export_top_model(
         split_uri=split_uri,
         version=version,
         metrics={k: v for k, v in metrics.items() if v is not None},
+        int8=int8,
         max_per_class=max_per_class,
     )
     get_run_logger().info("exports of %s: %s", record["model"], json.dumps(res.to_dict()["checks"], default=str))

@@ -161,8 +161,7 @@ class PrefectCLI:
         self.home = home
         self.port = _free_port()
         self.api = f"http://127.0.0.1:{self.port}/api"
-        self.env = {
-            **os.environ,
+        self.settings = {
             "PREFECT_HOME": str(home),
             "PREFECT_API_URL": self.api,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -171,6 +170,11 @@ class PrefectCLI:
             "PYTHONUNBUFFERED": "1",
         }
         self.procs: list[subprocess.Popen] = []
+
+    @property
+    def env(self) -> dict[str, str]:
+        # Read os.environ at each start, so fixtures set before (the GCS emulator) reach workers.
+        return {**os.environ, **self.settings}
         self.exe = str(Path(sys.executable).parent / "prefect")
 
     def _spawn(self, cmd: list[str], log_name: str) -> None:
@@ -216,8 +220,9 @@ class PrefectCLI:
                 p.kill()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def prefect_cli(tmp_path_factory):
+    """A fresh server per test: workers and deployments of one test never serve another."""
     cli = PrefectCLI(tmp_path_factory.mktemp("prefect-home"))
     cli.start_server()
     yield cli
