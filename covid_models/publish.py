@@ -288,7 +288,7 @@ def decide_champion(
                 "to promote)",
                 current,
             )
-        if acc < current["test_accuracy"] + margin:
+        if not acc > current["test_accuracy"] + margin:  # beating means strictly better, by the margin
             return ChampionDecision(
                 False,
                 f"test accuracy {acc:.4f} does not beat the champion's {current['test_accuracy']:.4f} by the margin "

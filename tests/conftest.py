@@ -170,12 +170,12 @@ class PrefectCLI:
             "PYTHONUNBUFFERED": "1",
         }
         self.procs: list[subprocess.Popen] = []
+        self.exe = str(Path(sys.executable).parent / "prefect")
 
     @property
     def env(self) -> dict[str, str]:
         # Read os.environ at each start, so fixtures set before (the GCS emulator) reach workers.
         return {**os.environ, **self.settings}
-        self.exe = str(Path(sys.executable).parent / "prefect")
 
     def _spawn(self, cmd: list[str], log_name: str) -> None:
         with open(self.home / log_name, "ab") as log:  # the child keeps its own copy of the fd

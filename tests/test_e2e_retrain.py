@@ -1,0 +1,134 @@
+"""End to end: prefect.yaml deployed to a real Prefect server, `retrain/adhoc` run by a real worker."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from covid_data.labels import CLASSES
+from covid_data.store import open_store
+from tests.conftest import SHARED, make_kaggle_folder
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cli, params: dict) -> str:
+    res = cli.run(
+        "deployment",
+        "run",
+        "retrain/adhoc",
+        "--params",
+        json.dumps(params),
+        "--watch",
+        "--watch-timeout",
+        "600",
+        timeout=660,
+    )
+    assert "Completed" in res.stdout, res.stdout[-3000:] + cli.log("worker-local-process.log")
+    return re.search(r"UUID: ([0-9a-f-]{36})", res.stdout).group(1)
+
+
+def _api(cli, path: str, body: dict) -> list[dict]:
+    r = httpx.post(f"{cli.api}{path}", json=body, timeout=30)
+    r.raise_for_status()
+    return r.json()
+
+
+def _labels(package: Path) -> list[str]:
+    import coremltools as ct
+
+    from covid_models.export import _classify_labels
+
+    return _classify_labels(ct.models.MLModel(str(package), skip_model_load=True).get_spec())
+
+
+def _deploy_and_start(cli, tmp_path: Path) -> None:
+    cli.settings.update(COVID_WEIGHTS_DIR=str(SHARED / "weights"), COVID_CACHE_DIR=str(tmp_path / "cache"))
+    cli.run(
+        "work-pool",
+        "create",
+        "local-process",
+        "--type",
+        "process",
+        "--overwrite",
+        "--base-job-template",
+        "deployments/local-process-pool.json",
+    )
+    cli.run("--no-prompt", "deploy", "--name", "retrain/adhoc")
+    cli.start_worker("local-process")
+
+
+def _check_run(cli, store_uri: str, flow_run_id: str, tmp_path: Path) -> dict:
+    (run,) = _api(cli, "/flow_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
+    assert run["state"]["type"] == "COMPLETED"
+    children = _api(cli, "/flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"is_null_": False}}})
+    assert any(c["name"] and c["flow_id"] != run["flow_id"] for c in children)  # prepare-data ran as a subflow
+    arts = _api(cli, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+    keys = {a["key"] for a in arts if a["key"]}
+    assert {"leaderboard", "retrain-report"} <= keys
+    board = next(a for a in arts if a["key"] == "leaderboard")["data"]
+    board = json.loads(board) if isinstance(board, str) else board  # table artifacts store JSON text
+    assert [row["model"] for row in board] and all(row["status"] != "failed" for row in board)
+
+    store = open_store(store_uri)
+    (run_dir,) = {k.split("/")[1] for k in store.list("runs") if k.endswith("/run.json")} - cli.seen_runs
+    cli.seen_runs.add(run_dir)
+    record = json.loads(store.read_text(f"runs/{run_dir}/run.json"))
+    packages = sorted({k.split("/")[3] for k in store.list(f"runs/{run_dir}/exports") if ".mlpackage/" in k})
+    assert len(packages) == 3
+    for pkg in packages:
+        local = tmp_path / "pkgs" / run_dir / pkg
+        for key in store.list(f"runs/{run_dir}/exports/{pkg}"):
+            store.get_file(key, local / key.split(f"{pkg}/", 1)[1])
+        assert _labels(local) == list(CLASSES)
+    assert all(e["tflite_max_prob_diff"] < 1e-3 for e in record["exports"])
+    return {"record": record, "board": board}
+
+
+def test_retrain_adhoc_deployment_end_to_end(prefect_cli, tmp_path):
+    cli = prefect_cli
+    cli.seen_runs = set()
+    _deploy_and_start(cli, tmp_path)
+    source = make_kaggle_folder(tmp_path / "src", n_per_class=30, seed=61)
+    store = str(tmp_path / "store")
+    params = {
+        "source": str(source),
+        "store": store,
+        "preset": "smoke",
+        "profile": "any",
+        "covid_sensitivity_floor": 0.0,
+    }
+    first = _check_run(cli, store, _run(cli, params), tmp_path)
+    assert {r["status"] for r in first["board"]} == {"trained"}
+    champion = json.loads(open_store(store).read_text("champion.json"))
+    assert champion["run_id"] == first["record"]["run_id"] and champion["model"] == first["board"][0]["model"]
+
+    second = _check_run(cli, store, _run(cli, params), tmp_path)
+    assert {r["status"] for r in second["board"]} == {"cached"}  # nothing retrained
+    kept = json.loads(open_store(store).read_text("champion.json"))
+    assert kept["run_id"] == first["record"]["run_id"]  # an equal model does not beat the champion
+    assert "does not beat" in second["record"]["champion"]["reason"]
+
+
+def test_retrain_publishes_to_gcs(gcs_emulator, prefect_cli, tmp_path):
+    cli = prefect_cli
+    cli.seen_runs = set()
+    _deploy_and_start(cli, tmp_path)
+    source = make_kaggle_folder(tmp_path / "src", n_per_class=30, seed=62)
+    store = f"gs://covid-test/e2e-{uuid.uuid4().hex[:8]}"
+    params = {
+        "source": str(source),
+        "store": store,
+        "preset": "smoke",
+        "profile": "any",
+        "covid_sensitivity_floor": 0.0,
+    }
+    out = _check_run(cli, store, _run(cli, params), tmp_path)
+    s = open_store(store)
+    assert s.exists("champion.json") and s.exists(f"runs/{out['record']['run_id']}/leaderboard.md")
+    assert any(k.endswith("model.keras") for k in s.list("models"))
