@@ -11,8 +11,11 @@ SHARED_SAMPLE := ../shared/data/covid19-radiography-sample
 COVID_DATA_SOURCE ?= $(if $(wildcard $(SHARED_SAMPLE)),$(SHARED_SAMPLE),kaggle)
 COVID_STORE ?= .store
 PROFILE ?= $(if $(wildcard $(SHARED_SAMPLE)),shared-sample,kaggle)
+PRESET ?= cpu
+# ImageNet weights: the shared folder where it exists, else Keras' own cache (~/.keras/models).
+export COVID_WEIGHTS_DIR ?= $(if $(wildcard ../shared/weights),$(abspath ../shared/weights),)
 
-.PHONY: install run test lint bench-ingest clean
+.PHONY: install run prepare test lint bench-ingest clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +26,9 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
+	$(PY) -m flows.retrain --preset $(PRESET) --source $(COVID_DATA_SOURCE) --store $(COVID_STORE) --profile $(PROFILE)
+
+prepare: $(STAMP)
 	$(PY) -m flows.prepare_data --source $(COVID_DATA_SOURCE) --store $(COVID_STORE) --profile $(PROFILE)
 
 lint: $(STAMP)

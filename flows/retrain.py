@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -132,6 +133,7 @@ def publish_run(
     run_succeeded: bool,
     margin: float,
     covid_sensitivity_floor: float,
+    timings: dict[str, float],
 ) -> dict[str, Any]:
     """Write everything of the run under runs/<run id>/ and decide the champion."""
     import pandas as pd
@@ -185,6 +187,7 @@ def publish_run(
         "models": published,
         "exports": exports,
         "champion": asdict(decision) if decision else None,
+        "seconds": timings,  # per stage, up to publishing
     }
     store.put_text(f"{prefix}/run.json", json.dumps(run, indent=2, default=str))
     return run
@@ -217,12 +220,23 @@ def retrain(
     if unknown:
         raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODEL_NAMES)}")
     train, val, test = p.split
+    clock = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[stage] = round(now - clock, 1)
+        clock = now
+
     data = prepare_data(source=source, store=store, profile=profile, train=train, val=val, test=test)
     split_uri, split_hash = data["split"], data["split_hash"]
+    lap("prepare_data")
     run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{str(runtime.flow_run.id or 'local')[:8]}"
 
     configs = model_configs(p, split_uri, split_hash, store, selected, overrides or {})
     records = _train_all(configs, max_parallel or p.max_parallel, train_deployment)
+    lap("train")
     board = leaderboard(records, rank_by)
     rows = board.astype(object).where(board.notna(), None).to_dict("records")
     create_table_artifact(rows, key="leaderboard", description=f"retrain {run_id}: ranked by {rank_by}")
@@ -246,6 +260,7 @@ def retrain(
                     max_per_class=p.max_per_class,
                 )
             )
+    lap("export")
     run_succeeded = len(ok) == len(configs) and len(exports) == needed
     run = publish_run(
         store,
@@ -258,6 +273,7 @@ def retrain(
         run_succeeded,
         champion_margin,
         covid_sensitivity_floor,
+        timings,
     )
     _report(run, board, store)
     if len(ok) < needed:
@@ -272,6 +288,7 @@ def retrain(
         "leaderboard": rows,
         "exports": exports,
         "champion": run["champion"],
+        "seconds": timings,
     }
 
 
