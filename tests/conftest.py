@@ -203,6 +203,19 @@ class PrefectCLI:
             raise RuntimeError(f"prefect {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res
 
+    def create_local_pool(self) -> None:
+        """The `local-process` pool the deployments in prefect.yaml use, from its template."""
+        self.run(
+            "work-pool",
+            "create",
+            "local-process",
+            "--type",
+            "process",
+            "--overwrite",
+            "--base-job-template",
+            "deployments/local-process-pool.json",
+        )
+
     def start_worker(self, pool: str, *extra: str) -> None:
         self._spawn([self.exe, "worker", "start", "--pool", pool, *extra], f"worker-{pool}.log")
 

@@ -16,16 +16,7 @@ pytestmark = pytest.mark.slow
 def test_prepare_data_runs_from_its_deployment(prefect_cli, tmp_path: Path):
     source = make_kaggle_folder(tmp_path / "src", n_per_class=10, seed=31)
     store = tmp_path / "store"
-    prefect_cli.run(
-        "work-pool",
-        "create",
-        "local-process",
-        "--type",
-        "process",
-        "--overwrite",
-        "--base-job-template",
-        "deployments/local-process-pool.json",
-    )
+    prefect_cli.create_local_pool()
     prefect_cli.run("--no-prompt", "deploy", "--name", "prepare-data/adhoc")
     prefect_cli.start_worker("local-process")
     params = {"source": str(source), "store": str(store), "profile": "any", "cache_dir": str(tmp_path / "cache")}
