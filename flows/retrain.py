@@ -97,27 +97,39 @@ def _train_all(configs: list[dict[str, Any]], max_parallel: int, deployment: str
 
 def _train_on_deployment(configs: list[dict[str, Any]], deployment: str) -> list[dict[str, Any]]:
     """Fan out: each model as a child flow run of the ``train-model`` deployment (its own worker)."""
+    from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
-    from prefect.flow_runs import wait_for_flow_run
 
-    runs = [run_deployment(deployment, parameters={"config": cfg}, timeout=0, as_subflow=True) for cfg in configs]
-
+    logger = get_run_logger()
+    runs = {
+        cfg["model"]: run_deployment(deployment, parameters={"config": cfg}, timeout=0, as_subflow=True)
+        for cfg in configs
+    }
+    logger.info("started %d child runs of %s: %s", len(runs), deployment, {m: str(r.id) for m, r in runs.items()})
+    final = {}
+    with get_client(sync_client=True) as client:
+        while len(final) < len(runs):
+            for model, run in runs.items():
+                if model not in final:
+                    state = client.read_flow_run(run.id).state
+                    if state is not None and state.is_final():
+                        final[model] = state
+            time.sleep(2)
     records = []
-    for cfg, run in zip(configs, runs, strict=True):
-        final = wait_for_flow_run(run.id, timeout=24 * 3600)
-        if final.state and final.state.is_completed():
-            res = cached_result(TrainConfig(**cfg))
-            if res is not None:
-                records.append({**res.to_dict(), "status": "trained"})
-                continue
-        records.append(
-            {
-                "model": cfg["model"],
-                "status": "failed",
-                "out": cfg["out"],
-                "error": f"child flow run {run.id} ended {final.state.name if final.state else 'unknown'}",
-            }
-        )
+    for cfg in configs:
+        state = final[cfg["model"]]
+        res = cached_result(TrainConfig(**cfg)) if state.is_completed() else None
+        if res is not None:
+            records.append({**res.to_dict(), "status": "trained"})
+        else:
+            records.append(
+                {
+                    "model": cfg["model"],
+                    "status": "failed",
+                    "out": cfg["out"],
+                    "error": f"child flow run {runs[cfg['model']].id} ended {state.name}: {state.message}",
+                }
+            )
     return records
 
 

@@ -116,3 +116,21 @@ def test_retrain_publishes_to_gcs(gcs_emulator, prefect_cli, tmp_path):
     s = open_store(store)
     assert s.exists("champion.json") and s.exists(f"runs/{out['record']['run_id']}/leaderboard.md")
     assert any(k.endswith("model.keras") for k in s.list("models"))
+
+
+def test_retrain_fans_out_to_the_train_model_deployment(prefect_cli, tmp_path):
+    cli = prefect_cli
+    cli.seen_runs = set()
+    _deploy_and_start(cli, tmp_path)
+    cli.run("--no-prompt", "deploy", "--name", "local")  # the train-model deployment
+    source = make_kaggle_folder(tmp_path / "src", n_per_class=30, seed=63)
+    store = str(tmp_path / "store")
+    params = {**_smoke_params(source, store), "train_deployment": "train-model/local"}
+    flow_run_id = _run(cli, params)
+    out = _check_run(cli, store, flow_run_id, tmp_path)
+    assert {r["status"] for r in out["board"]} == {"trained"}
+    children = _api(cli, "/flow_runs/filter", {"flow_runs": {"name": {"like_": "train-"}}})
+    names = sorted(c["name"] for c in children if c["state"]["type"] == "COMPLETED")
+    assert names == ["train-custom_cnn", "train-mobilenet_v2", "train-vgg16"]  # one child flow run per model
+    deployments = {c["deployment_id"] for c in children}
+    assert len(deployments) == 1 and None not in deployments
