@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import tempfile
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -20,10 +21,12 @@ import numpy as np
 
 from covid_data.store import Store, open_store
 from covid_models.export import (
+    COREML_MAX_PROB_DIFF,
     DISCLAIMER,
     TFLITE_MAX_PROB_DIFF,
     ExportCheckError,
     convert_coreml,
+    coreml_parity,
     export_tflite,
     tflite_parity,
 )
@@ -123,6 +126,13 @@ def _make_exports(
                 metrics=metrics,
                 quantize="int8",
             )
+        if platform.system() == "Darwin":  # the Core ML runtime exists only on macOS
+            fp16.checks["runtime_max_prob_diff"] = coreml_parity(Path(fp16.path), model, images)
+            if fp16.checks["runtime_max_prob_diff"] > COREML_MAX_PROB_DIFF:
+                raise ExportCheckError(
+                    f"Core ML package of {name} differs from Keras by {fp16.checks['runtime_max_prob_diff']:.2e} "
+                    f"in probability on {len(images)} real test images (bound {COREML_MAX_PROB_DIFF:.0e})"
+                )
         tfl = export_tflite(model, tmp / f"{name}.tflite")
         diff = tflite_parity(Path(tfl.path), model, images)
         if diff > TFLITE_MAX_PROB_DIFF:

@@ -304,6 +304,12 @@ def retrain(
     }
 
 
+def _coreml_runtime(checks: dict[str, Any]) -> str:
+    if "runtime_max_prob_diff" in checks:
+        return f"max |Δp| against Keras {checks['runtime_max_prob_diff']:.1e}"
+    return checks.get("runtime_parity", "not run")
+
+
 def _report(run: dict[str, Any], board, store_uri: str) -> None:
     store = open_store(store_uri)
     lines = [
@@ -322,7 +328,7 @@ def _report(run: dict[str, Any], board, store_uri: str) -> None:
             f"## {e['model']}",
             f"Core ML {e['coreml_bytes'] / 1e6:.1f} MB (int8 {(e['coreml_int8_bytes'] or 0) / 1e6:.1f} MB), "
             f"TFLite {e['tflite_bytes'] / 1e6:.1f} MB, TFLite vs Keras max |Δp| {e['tflite_max_prob_diff']:.1e}; "
-            f"Core ML runtime check: {e['checks']['coreml'].get('runtime_parity', 'run')}",
+            f"Core ML runtime check: {_coreml_runtime(e['checks']['coreml'])}",
         ]
         create_link_artifact(e["coreml"], link_text=f"{e['model']}.mlpackage", description="Core ML package")
     for model, uri in run["models"].items():
