@@ -3,22 +3,38 @@
 Locations are URIs: ``/path``, ``file:///path`` or ``gs://bucket/prefix``. Keys are
 ``/``-separated paths relative to the store's root.
 
-Two promises every backend keeps:
+Three promises every backend keeps:
 
 * atomic writes: an object appears under its final name complete or not at all;
 * idempotent writes: an object whose checksum already matches is not written again, and an
   existing object with *different* content is never replaced unless the caller asks for it
-  (``overwrite=True``, used only for pointers such as a champion model).
+  (``overwrite=True``: objects of an incomplete :class:`Unit`, scratch);
+* compare-and-swap for pointers (``read_versioned`` / ``put_if_match``): of two writers that
+  read the same version, exactly one replaces it (GCS ``if_generation_match``; a lock file on
+  the local store).
+
+Stored units (a dataset version, a split, a model slot, an export, a run folder) are folders
+completed by one marker object written last (:class:`Unit`). A unit without its marker is
+incomplete: the next attempt replaces its objects. A complete unit is never written again, so
+formats that are not byte-for-byte reproducible (Keras zips, Core ML UUIDs, parquet) never turn
+a rerun into an error.
+
+Fault injection: with ``COVID_FAULT_KILL_AFTER`` = N and ``COVID_FAULT_COUNTER`` = a file, the
+process that makes the N-th store write (counted across processes in that file) SIGKILLs itself
+right after it. The crash-safety tests use it to stop the pipeline at every write boundary.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import threading
 from abc import ABC, abstractmethod
@@ -45,6 +61,29 @@ class ObjectExistsError(StoreError):
 
 class StoreUnavailableError(StoreError):
     """The store could not be reached (after retries)."""
+
+
+class UnitCompleteError(StoreError):
+    """Raised instead of writing into a unit whose completion marker exists."""
+
+
+def _fault_hook() -> None:
+    """Count this store write; SIGKILL this process if it is the N-th (see the module docstring)."""
+    limit = os.environ.get("COVID_FAULT_KILL_AFTER")
+    counter = os.environ.get("COVID_FAULT_COUNTER")
+    if not limit or not counter:
+        return
+    with open(counter, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # processes of one run share the count
+        f.seek(0)
+        n = int(f.read().strip() or 0) + 1
+        f.seek(0)
+        f.truncate()
+        f.write(str(n))
+        f.flush()
+        os.fsync(f.fileno())
+    if n == int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def md5_file(path: Path) -> str:
@@ -102,9 +141,28 @@ class Store(ABC):
         """Remove one object (absent is fine). For scratch such as training backups only:
         published datasets and models are never deleted."""
 
+    @abstractmethod
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """The object's bytes and a version token (None, None when absent), for :meth:`put_if_match`."""
+
+    @abstractmethod
+    def _swap(self, key: str, data: bytes, expected: str | None) -> bool:
+        """Write ``data`` at ``key`` only if its version is still ``expected`` (None: absent)."""
+
+    def put_if_match(self, key: str, data: bytes, expected: str | None) -> bool:
+        """Compare-and-swap: replace ``key`` only if nobody changed it since :meth:`read_versioned`
+        returned ``expected``. False (nothing written) when another writer got there first."""
+        ok = self._swap(key, data, expected)
+        if ok:
+            _fault_hook()
+        return ok
+
     def local_path(self, key: str) -> Path | None:
         """A path readers can open directly, where the backend has one."""
         return None
+
+    def unit(self, prefix: str, marker: str = "_COMPLETE.json") -> Unit:
+        return Unit(self, prefix, marker)
 
     # -- shared behaviour ---------------------------------------------------------------
     def uri_for(self, key: str) -> str:
@@ -128,6 +186,7 @@ class Store(ABC):
                 f"{self.uri_for(key)} already exists with different content; refusing to overwrite it"
             )
         if self._write_file(key, path, create_only=not overwrite):
+            _fault_hook()
             return PutResult(key, written=True)
         # Someone created it between our check and our write: compare again.
         if self.checksum(key) == local_md5:
@@ -232,6 +291,31 @@ class LocalStore(Store):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        p = self._path(key)
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            return None, None
+        return data, md5_bytes(data)
+
+    def _swap(self, key: str, data: bytes, expected: str | None) -> bool:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # One writer at a time compares and replaces; the lock file is a dot-file the listing skips.
+        with open(dest.parent / f".{dest.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _, current = self.read_versioned(key)
+            if current != expected:
+                return False
+            with tempfile.NamedTemporaryFile(prefix="store-swap-", delete=False) as tmp:
+                tmp.write(data)
+            try:
+                self._write_file(key, Path(tmp.name), create_only=False)
+            finally:
+                os.unlink(tmp.name)
+            return True
+
     def get_file(self, key: str, dest: Path) -> Path:
         src = self._path(key)
         if not src.is_file():
@@ -252,8 +336,8 @@ class LocalStore(Store):
             return
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    continue  # an in-flight write, not an object
+                if name.startswith(".") and name.endswith((".tmp", ".lock")):
+                    continue  # an in-flight write or a swap lock, not an object
                 yield Path(dirpath) / name
 
     def list(self, prefix: str = "") -> list[str]:
@@ -349,6 +433,34 @@ class GCSStore(Store):
             return False
         return True
 
+    def read_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        blob = self._call(f"stat {key}", self._bucket.get_blob, self._name(key))
+        if blob is None:
+            return None, None
+        from google.api_core import exceptions as gexc
+
+        generation = blob.generation  # before the download, which may reset it from response headers
+        try:
+            data = self._call(f"read {key}", blob.download_as_bytes, if_generation_match=generation)
+        except (gexc.PreconditionFailed, gexc.NotFound):
+            return self.read_versioned(key)  # replaced between stat and read: read the new one
+        return data, str(generation)
+
+    def _swap(self, key: str, data: bytes, expected: str | None) -> bool:
+        from google.api_core import exceptions as gexc
+
+        blob = self._bucket.blob(self._name(key))
+        try:
+            self._call(
+                f"write {key}",
+                blob.upload_from_string,
+                data,
+                if_generation_match=int(expected) if expected is not None else 0,
+            )
+        except gexc.PreconditionFailed:
+            return False
+        return True
+
     def delete(self, key: str) -> None:
         from google.api_core import exceptions as gexc
 
@@ -385,6 +497,93 @@ class GCSStore(Store):
 
     def checksums(self, prefix: str = "") -> dict[str, str]:
         return {self._key(b.name): _hex_md5(b.md5_hash) for b in self._blobs(prefix)}
+
+
+# ---------------------------------------------------------------------------------------
+class Unit:
+    """A folder of objects that one marker, written last, declares complete.
+
+    Until the marker exists, writes replace whatever an interrupted attempt left; once it
+    exists, the unit is read-only. The marker records the checksum of every object, so a reader
+    can tell that the objects are the ones that were completed.
+    """
+
+    def __init__(self, store: Store, prefix: str, marker: str = "_COMPLETE.json"):
+        self.store, self.prefix, self.marker = store, prefix.strip("/"), marker
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri_for(self.prefix)
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    @property
+    def _folder(self) -> str:
+        # The trailing slash keeps GCS' prefix listing from matching siblings (m1 vs m10).
+        return f"{self.prefix}/" if self.prefix else ""
+
+    def is_complete(self) -> bool:
+        return self.store.exists(self.key(self.marker))
+
+    def record(self) -> dict | None:
+        """The marker's content, or None while the unit is incomplete."""
+        try:
+            return json.loads(self.store.read_text(self.key(self.marker)))
+        except FileNotFoundError:
+            return None
+
+    def _check_open(self, name: str) -> None:
+        if self.is_complete():
+            raise UnitCompleteError(f"{self.store.uri_for(self.key(name))}: {self.uri} is complete and never rewritten")
+
+    def put_file(self, name: str, path: Path) -> PutResult:
+        self._check_open(name)
+        return self.store.put_file(self.key(name), path, overwrite=True)
+
+    def put_bytes(self, name: str, data: bytes) -> PutResult:
+        self._check_open(name)
+        return self.store.put_bytes(self.key(name), data, overwrite=True)
+
+    def put_text(self, name: str, text: str) -> PutResult:
+        return self.put_bytes(name, text.encode("utf-8"))
+
+    def put_tree(self, name: str, path: Path) -> None:
+        """A file, or every file of a folder (a Core ML package), under ``name``."""
+        self._check_open(name)
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for f in files:
+            rel = name if f == path else f"{name}/{f.relative_to(path).as_posix()}"
+            self.store.put_file(self.key(rel), f, overwrite=True)
+
+    def complete(self, record: dict) -> bool:
+        """Write the marker (create-only) with ``record`` plus the checksums of the unit's objects.
+
+        False when another attempt completed the unit first: its marker, and its objects, stay.
+        """
+        sums = {
+            k[len(self.prefix) + 1 :] if self.prefix else k: v
+            for k, v in self.store.checksums(self._folder).items()
+            if k != self.key(self.marker)
+        }
+        doc = {**record, "objects": dict(sorted(sums.items()))}
+        with tempfile.NamedTemporaryFile(prefix="store-marker-", delete=False) as tmp:
+            tmp.write(json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
+        try:
+            written = self.store._write_file(self.key(self.marker), Path(tmp.name), create_only=True)
+        finally:
+            os.unlink(tmp.name)
+        if written:
+            _fault_hook()
+        return written
+
+    def verify(self) -> list[str]:
+        """Objects of a complete unit whose checksum differs from the marker's (empty: intact)."""
+        rec = self.record()
+        if rec is None:
+            return []
+        now = self.store.checksums(self._folder)
+        return [name for name, md5 in rec.get("objects", {}).items() if now.get(self.key(name)) != md5]
 
 
 def _hex_md5(b64: str | None) -> str | None:

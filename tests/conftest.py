@@ -93,10 +93,11 @@ GCS_BUCKET = "covid-test"
 def gcs_emulator():
     """A real gcp-storage-emulator on loopback; yields its endpoint URL."""
     port = _free_port()
-    exe = Path(sys.executable).parent / "gcp-storage-emulator"
+    # The emulator, with GCS' upload preconditions (ifGenerationMatch) enforced: tests/gcs_emulator.py.
     proc = subprocess.Popen(
         [
-            str(exe),
+            sys.executable,
+            str(Path(__file__).with_name("gcs_emulator.py")),
             "start",
             "--host",
             "127.0.0.1",

@@ -114,3 +114,62 @@ def test_store_uris():
         open_store("s3://bucket/x")
     with pytest.raises(ValueError, match="names no bucket"):
         open_store("gs:///x")
+
+
+def test_compare_and_swap_has_one_winner(store_uri: str):
+    store = open_store(store_uri)
+    assert store.read_versioned("champion.json") == (None, None)
+    assert store.put_if_match("champion.json", b"v1", None)
+    assert not store.put_if_match("champion.json", b"v1-again", None)  # "absent" no longer holds
+    data, token = store.read_versioned("champion.json")
+    assert data == b"v1"
+    # Two writers read the same version; the first swap wins, the second is refused.
+    assert store.put_if_match("champion.json", b"from-a", token)
+    assert not store.put_if_match("champion.json", b"from-b", token)
+    assert store.read_versioned("champion.json")[0] == b"from-a"
+    assert store.list() == ["champion.json"]  # the local lock file is not an object
+
+
+def test_local_compare_and_swap_under_threads(tmp_path: Path):
+    store = open_store(tmp_path / "store")
+    store.put_bytes("p.json", b"0", overwrite=True)
+    _, token = store.read_versioned("p.json")
+    wins = []
+
+    def writer(i: int) -> None:
+        if store.put_if_match("p.json", f"w{i}".encode(), token):
+            wins.append(i)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert store.read_bytes("p.json") == f"w{wins[0]}".encode()
+
+
+def test_unit_replaces_leftovers_until_complete_then_is_read_only(store_uri: str, tmp_path: Path):
+    from covid_data.store import UnitCompleteError
+
+    store = open_store(store_uri)
+    unit = store.unit("models/m1", "metrics.json")
+    unit.put_text("model.keras", "attempt 1")  # a killed attempt left this behind
+    assert not unit.is_complete() and unit.record() is None
+    unit.put_text("model.keras", "attempt 2")  # different bytes: replaced, no ObjectExistsError
+    pkg = tmp_path / "m.mlpackage"
+    (pkg / "Data").mkdir(parents=True)
+    (pkg / "Manifest.json").write_text("{}")
+    (pkg / "Data" / "w.bin").write_bytes(b"w")
+    unit.put_tree("m.mlpackage", pkg)
+    store.put_text("models/m10/other.txt", "a sibling whose name extends m1")
+    assert unit.complete({"status": "trained"})
+    rec = unit.record()
+    assert rec["status"] == "trained"
+    assert sorted(rec["objects"]) == ["m.mlpackage/Data/w.bin", "m.mlpackage/Manifest.json", "model.keras"]
+    assert unit.verify() == []
+    with pytest.raises(UnitCompleteError, match="models/m1"):
+        unit.put_text("model.keras", "attempt 3")
+    assert not unit.complete({"status": "again"})  # the first completion stays
+    assert unit.record()["status"] == "trained"
+    assert store.read_text("models/m1/model.keras") == "attempt 2"
