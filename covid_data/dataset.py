@@ -8,9 +8,10 @@ Sources (``parse_source``):
   (it has a ``manifest.parquet``), or raw images in one of the layouts.
 
 Store layout of a version (``datasets/<version>/``): ``images/<label>/<file>``, then
-``dataset.json`` and, written last as the commit marker, ``manifest.parquet``. The version is
-a hash of the manifest, so two different datasets never share a prefix, and nothing under an
-existing version is ever replaced.
+``dataset.json`` and, written last and create-only as the completion marker,
+``manifest.parquet``. The version is a hash of the manifest, so two different datasets never
+share a prefix. A version without its marker is an interrupted attempt whose objects the next
+attempt replaces; nothing under a complete version is ever written again.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 
 from covid_data.archive import safe_extract_zip
-from covid_data.kaggle_download import DEFAULT_DATASET, download_dataset_archive
+from covid_data.kaggle_download import DEFAULT_DATASET, CredentialsProvider, download_dataset_archive
 from covid_data.manifest import (
     build_manifest,
     dataset_version,
@@ -36,7 +37,7 @@ from covid_data.manifest import (
     read_parquet_bytes,
     to_parquet_bytes,
 )
-from covid_data.store import Store, md5_file, open_store
+from covid_data.store import ObjectExistsError, Store, md5_file, open_store
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +150,11 @@ def _stage_store_prefix(uri: str, cache: Path) -> Path:
     return target
 
 
-def stage_source(source: Source, cache_dir: Path) -> Staged:
-    """Bring ``source`` to a local folder (downloading and unpacking where needed)."""
+def stage_source(source: Source, cache_dir: Path, *, kaggle_credentials: CredentialsProvider | None = None) -> Staged:
+    """Bring ``source`` to a local folder (downloading and unpacking where needed).
+
+    ``kaggle_credentials`` is asked for credentials only when the kaggle client finds none of
+    its own (environment, kaggle.json); the orchestrator passes its secret store here."""
     cache_dir = Path(cache_dir)
     desc = source.describe()
     if source.kind == "folder":
@@ -160,7 +164,7 @@ def stage_source(source: Source, cache_dir: Path) -> Staged:
         return Staged(str(root), desc, str(root / ".manifest.parquet"))
     if source.kind == "kaggle":
         kdir = cache_dir / "kaggle" / source.location.replace("/", "__")
-        dl = download_dataset_archive(source.location, kdir)
+        dl = download_dataset_archive(source.location, kdir, credentials=kaggle_credentials)
         root = _extract_cached(dl.archive, kdir)
         return Staged(str(root), desc, str(root / ".manifest.parquet"))
     if source.kind == "store":
@@ -212,6 +216,8 @@ def publish_version(
     items = [
         (f"{prefix}/{p}", Path(files_root) / s) for p, s in zip(manifest["path"], manifest["source_path"], strict=True)
     ]
+    # Images need no overwrite: the version hashes every path's sha256, so an image an interrupted
+    # attempt left is byte-identical (and skipped) or a corruption worth an error.
     written, skipped = store.put_many(items, prefix=f"{prefix}/images")
     if progress:
         progress(len(items), len(items))
@@ -223,9 +229,14 @@ def publish_version(
         "class_counts": {str(k): int(v) for k, v in manifest["label"].value_counts().sort_index().items()},
         "undecodable": int(manifest["error"].notna().sum()),
     }
-    if not store.exists(f"{prefix}/dataset.json"):  # else kept from an interrupted earlier attempt
-        store.put_text(f"{prefix}/dataset.json", json.dumps(meta, indent=2))
-    store.put_bytes(f"{prefix}/{MANIFEST}", to_parquet_bytes(manifest))
+    # No marker yet: whatever an interrupted attempt left here is replaced, not trusted.
+    store.put_text(f"{prefix}/dataset.json", json.dumps(meta, indent=2), overwrite=True)
+    try:
+        store.put_bytes(f"{prefix}/{MANIFEST}", to_parquet_bytes(manifest))  # create-only, last
+    except ObjectExistsError:
+        # A concurrent run completed this version first. Its manifest describes the same content
+        # (the version is its hash); only the parquet bytes may differ between library versions.
+        log.info("dataset version %s was completed concurrently in %s; keeping that one", version, store.uri)
     log.info(
         "published dataset version %s to %s: %d files uploaded, %d already there", version, store.uri, written, skipped
     )
@@ -239,9 +250,14 @@ def fetch_dataset(
     cache_dir: Path | None = None,
     workers: int | None = None,
     progress: Progress | None = None,
+    kaggle_credentials: CredentialsProvider | None = None,
 ) -> DatasetRef:
     """Bring the dataset from ``source_spec`` into the store as a content-addressed version
     (the three steps the ``prepare-data`` flow runs as separate tasks)."""
-    staged = stage_source(parse_source(source_spec), Path(cache_dir) if cache_dir else default_cache_dir())
+    staged = stage_source(
+        parse_source(source_spec),
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+        kaggle_credentials=kaggle_credentials,
+    )
     manifest = manifest_of(staged, workers=workers, progress=progress)
     return publish_version(open_store(store_uri), manifest, Path(staged.root), source=staged.source)

@@ -2,9 +2,9 @@
 
 Credentials, in the client's own order: ``KAGGLE_API_TOKEN`` / ``KAGGLE_USERNAME`` +
 ``KAGGLE_KEY`` in the environment, ``~/.kaggle/kaggle.json`` (or ``$KAGGLE_CONFIG_DIR``);
-then, if none is found, a Prefect Secret block (default name ``kaggle-credentials``, holding
-``{"username": ..., "key": ...}``); then anonymous access, which Kaggle allows for public
-datasets. Keys are never logged.
+then, if none is found, the caller's credentials provider (the flows pass one that reads a
+Prefect Secret block, see ``tasks.credentials``; this package never imports Prefect); then
+anonymous access, which Kaggle allows for public datasets. Keys are never logged.
 
 The client skips the download when the archive in the cache folder is already as recent as
 the remote one, so a second fetch of unchanged data downloads nothing.
@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DATASET = "tawsifurrahman/covid19-radiography-database"
-DEFAULT_SECRET_BLOCK = "kaggle-credentials"
 
 
 class KaggleDownloadError(RuntimeError):
@@ -32,6 +31,17 @@ class KaggleDownloadError(RuntimeError):
 
 class KaggleAuthError(KaggleDownloadError):
     """Kaggle refused the credentials."""
+
+
+@dataclass(frozen=True)
+class KaggleCredentials:
+    username: str
+    key: str = field(repr=False)  # never in logs or reprs
+    origin: str = "credentials provider"  # where they came from, for log lines and errors
+
+
+# Called only when the client finds no credentials of its own; None means "none here either".
+CredentialsProvider = Callable[[], KaggleCredentials | None]
 
 
 @dataclass(frozen=True)
@@ -49,22 +59,7 @@ def _kaggle_api():
     return KaggleApi()
 
 
-def _secret_block_credentials(block_name: str) -> dict[str, str] | None:
-    try:
-        from prefect.blocks.system import Secret
-
-        value = Secret.load(block_name, _sync=True).get()
-    except Exception as e:  # no block, or no Prefect API reachable
-        log.debug("no Prefect Secret block %r: %s", block_name, type(e).__name__)
-        return None
-    if isinstance(value, str):
-        value = json.loads(value)
-    if not isinstance(value, dict) or not value.get("username") or not value.get("key"):
-        raise KaggleAuthError(f"Prefect Secret block {block_name!r} must hold {{'username': ..., 'key': ...}}")
-    return {"username": str(value["username"]), "key": str(value["key"])}
-
-
-def _authenticate(api, secret_block: str | None) -> str:
+def _authenticate(api, credentials: CredentialsProvider | None) -> str:
     """Load credentials into ``api``; return where they came from."""
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -74,12 +69,11 @@ def _authenticate(api, secret_block: str | None) -> str:
         return f"{src} (user {user})" if user else src
     except SystemExit:
         pass  # the client found no credentials
-    if secret_block:
-        creds = _secret_block_credentials(secret_block)
-        if creds:
-            api.config_values["username"] = creds["username"]
-            api.config_values["key"] = creds["key"]
-            return f"Prefect Secret block {secret_block!r} (user {creds['username']})"
+    creds = credentials() if credentials else None
+    if creds:
+        api.config_values["username"] = creds.username
+        api.config_values["key"] = creds.key
+        return f"{creds.origin} (user {creds.username})"
     return "anonymous (public dataset)"
 
 
@@ -87,9 +81,11 @@ def download_dataset_archive(
     dataset: str,
     dest_dir: Path,
     *,
-    secret_block: str | None = DEFAULT_SECRET_BLOCK,
+    credentials: CredentialsProvider | None = None,
 ) -> Download:
-    """Download ``owner/slug[/version]`` as ``dest_dir/<slug>.zip`` unless already current."""
+    """Download ``owner/slug[/version]`` as ``dest_dir/<slug>.zip`` unless already current.
+
+    ``credentials`` is consulted only when the client finds none of its own."""
     import requests
 
     parts = dataset.split("/")
@@ -103,7 +99,7 @@ def download_dataset_archive(
     before = (archive.stat().st_ctime_ns, archive.stat().st_size) if archive.exists() else None
 
     api = _kaggle_api()
-    creds = _authenticate(api, secret_block)
+    creds = _authenticate(api, credentials)
     log.info("downloading Kaggle dataset %s with credentials from %s", dataset, creds)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -113,7 +109,8 @@ def download_dataset_archive(
         if status in (401, 403):
             raise KaggleAuthError(
                 f"Kaggle refused access to dataset {dataset} (HTTP {status}) with credentials from {creds}; "
-                "check KAGGLE_USERNAME/KAGGLE_KEY, ~/.kaggle/kaggle.json or the Prefect Secret block"
+                "check KAGGLE_USERNAME/KAGGLE_KEY, ~/.kaggle/kaggle.json or the credentials provider "
+                "(the flows' Prefect Secret block)"
             ) from None
         if status == 404:
             raise KaggleDownloadError(f"Kaggle dataset {dataset} was not found (HTTP 404)") from None

@@ -1,10 +1,20 @@
-"""Leak-free, stratified, seeded train / validation / test split.
+"""Leak-free, stratified, seeded train / validation / test split, stable across dataset versions.
 
 Identical images (same sha256) and near-identical ones (perceptual hashes within
-``near_dup_distance`` bits) form one group, and a group always lands in one split. The
-assignment uses scikit-learn's ``StratifiedGroupKFold``: the ratios are turned into a number
-of folds (70/10/20 -> 10 folds: 7 train, 1 val, 2 test; 80/20 -> 5 folds), so every split is
-stratified by label and deterministic for a seed.
+``near_dup_distance`` bits) form one group, and a group always lands in one split.
+
+* The first split of a lineage (no earlier split with the same ratios, seed and distance in
+  the store) uses scikit-learn's ``StratifiedGroupKFold``: the ratios are turned into a
+  number of folds (70/10/20 -> 10 folds: 7 train, 1 val, 2 test; 80/20 -> 5 folds).
+* Every later split carries the assignment of each surviving image forward from the newest
+  complete split of the same lineage (matched by sha256, including images that were removed
+  and come back), so a new release never moves an image between splits. Only new groups are
+  placed, deterministically, each into the split with the largest deficit for its class.
+
+Store layout of one split (``datasets/<version>/splits/<split hash>/``): ``split.parquet``,
+``assignments.parquet`` (every image the lineage has ever assigned, for the next version),
+then, written last and create-only, the completion marker ``split.json``. A folder without
+``split.json`` is an interrupted attempt and is overwritten; a complete one is never rewritten.
 """
 
 from __future__ import annotations
@@ -13,18 +23,30 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
 from fractions import Fraction
 
 import numpy as np
 import pandas as pd
 
 from covid_data.labels import CLASSES
-from covid_data.store import Store, open_store
+from covid_data.store import Store, UnitCompleteError, open_store
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# When groups that were assigned differently merge, the strictest split wins, so nothing
+# that was ever evaluated on moves into training.
+_PRIORITY = {"train": 0, "val": 1, "test": 2}
+MARKER = "split.json"
+# A near-duplicate group is never bounded below this many images: genuine copies of one
+# X-ray (re-encodings, crops) number a handful; on the shared sample at 4 bits the largest
+# group has 3 images.
+MIN_GROUP_BOUND = 20
+_SPLIT_JSON = re.compile(r"datasets/[^/]+/splits/[^/]+/split\.json")
 
 
 @dataclass(frozen=True)
@@ -34,6 +56,13 @@ class SplitConfig:
     test: float = 0.2
     seed: int = 42
     near_dup_distance: int = 4  # Hamming bits between 64-bit pHashes; 0 = exact copies only
+    # Near-duplicate groups larger than max(MIN_GROUP_BOUND, share x usable images) are
+    # pHash chains, not copies of one image, and are regrouped at tighter distances (down to
+    # exact copies) until each part is within the bound.
+    # 0.2% keeps one group below a third of the smallest stratum of the Kaggle release
+    # (Viral Pneumonia in validation: ~134 images, 0.64%), so stratification stays possible.
+    # 1.0 disables the bound.
+    max_group_share: float = 0.002
 
     def __post_init__(self):
         ratios = (self.train, self.val, self.test)
@@ -41,11 +70,32 @@ class SplitConfig:
             raise ValueError(f"split ratios must be non-negative and sum to 1, got {ratios}")
         if self.train <= 0:
             raise ValueError("the train ratio must be positive")
+        if not 0 <= self.near_dup_distance <= 64:
+            raise ValueError(f"near_dup_distance must be 0..64 bits, got {self.near_dup_distance}")
+        if not 0 <= self.max_group_share <= 1:
+            raise ValueError(f"max_group_share must be in [0, 1], got {self.max_group_share}")
 
     @classmethod
     def paper(cls, seed: int = 42) -> SplitConfig:
         """The study's 80/20 train/validation split."""
         return cls(train=0.8, val=0.2, test=0.0, seed=seed)
+
+    def ratios(self) -> dict[str, float]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def lineage_key(self) -> dict[str, float | int]:
+        """What a predecessor split must share for its assignments to be carried forward. The
+        group bound is left out: it only changes how images are grouped, not where they go."""
+        return {
+            "train": round(self.train, 6),
+            "val": round(self.val, 6),
+            "test": round(self.test, 6),
+            "seed": int(self.seed),
+            "near_dup_distance": int(self.near_dup_distance),
+        }
+
+    def group_bound(self, n_rows: int) -> int:
+        return max(MIN_GROUP_BOUND, math.floor(self.max_group_share * n_rows))
 
     def folds(self) -> tuple[int, tuple[int, int, int]]:
         fr = [Fraction(r).limit_denominator(100) for r in (self.train, self.val, self.test)]
@@ -63,6 +113,9 @@ class SplitRef:
     counts: dict[str, dict[str, int]]  # split -> label -> images
     duplicate_groups: int  # groups of 2+ identical or near-identical images
     excluded: int
+    largest_group: int = 1  # images in the largest group after the bound
+    parent: str | None = None  # split hash this one carried its assignments from
+    carried: int = 0  # images whose split came from the parent lineage
 
     @property
     def prefix(self) -> str:
@@ -76,55 +129,162 @@ class SplitRef:
         return {**asdict(self), "uri": self.uri}
 
 
-class _UnionFind:
-    def __init__(self, n: int):
-        self.parent = np.arange(n)
-
-    def find(self, i: int) -> int:
-        root = i
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[i] != root:
-            self.parent[i], i = root, self.parent[i]
-        return root
-
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+# -- near-duplicate grouping -------------------------------------------------------------------
+def _hash_ints(phash: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(64-bit hashes, mask of rows that have one)."""
+    has = phash.notna().to_numpy()
+    h = np.zeros(len(phash), dtype=np.uint64)
+    h[has] = np.array([int(x, 16) for x in phash[has]], dtype=np.uint64)
+    return h, has
 
 
-def duplicate_groups(sha256: pd.Series, phash: pd.Series, max_distance: int, chunk: int = 512) -> np.ndarray:
-    """Group id per row: rows with equal sha256 or pHashes within ``max_distance`` bits share one."""
-    n = len(sha256)
-    uf = _UnionFind(n)
-    first: dict[str, int] = {}
-    for i, s in enumerate(sha256):
-        if s in first:
-            uf.union(first[s], i)
-        else:
-            first[s] = i
-    if max_distance > 0 and n > 1:
-        h = np.array([int(x, 16) for x in phash], dtype=np.uint64)
+def _near_pairs(h: np.ndarray, max_distance: int, chunk: int = 512) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Index pairs of *distinct* hashes within ``max_distance`` bits, in bounded blocks.
+
+    Pigeonhole: split the 64 bits into d+1 bands; two hashes within d bits agree exactly on
+    at least one band. So only hashes sharing a band value are compared, found by sorting
+    each band: memory O(n), time O(n log n + candidate pairs) instead of O(n^2)."""
+    n = len(h)
+    bands = max_distance + 1
+    if bands > 16:  # bands under 4 bits bucket nothing: plain all-pairs, O(chunk * n) memory
         for start in range(0, n, chunk):
             block = h[start : start + chunk]
-            dist = np.bitwise_count(block[:, None] ^ h[None, :])
-            rows, cols = np.nonzero(dist <= max_distance)
-            for r, c in zip(rows + start, cols, strict=True):
-                if c > r:
-                    uf.union(int(r), int(c))
-    return np.array([uf.find(i) for i in range(n)])
+            rows, cols = np.nonzero(np.bitwise_count(block[:, None] ^ h[None, start:]) <= max_distance)
+            keep = cols > rows
+            yield rows[keep] + start, cols[keep] + start
+        return
+    shift = 0
+    for b in range(bands):
+        width = 64 // bands + (1 if b < 64 % bands else 0)
+        key = (h >> np.uint64(shift)) & np.uint64((1 << width) - 1)
+        shift += width
+        order = np.argsort(key, kind="stable")
+        sk = key[order]
+        # Compare each sorted position with the one t places on, while both share the band:
+        # the candidate set only shrinks as t grows, so the total work is the number of pairs.
+        idx = np.arange(n - 1)
+        t = 1
+        while idx.size:
+            idx = idx[idx + t < n]
+            idx = idx[sk[idx] == sk[idx + t]]
+            if not idx.size:
+                break
+            a, c = order[idx], order[idx + t]
+            close = np.bitwise_count(h[a] ^ h[c]) <= max_distance
+            yield a[close], c[close]
+            t += 1
 
 
-def make_split(manifest: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, int]:
-    """Assign each usable row to a split. Returns (table, number of duplicate groups)."""
-    from sklearn.model_selection import StratifiedGroupKFold
+def _components(n: int, edges_a: list[np.ndarray], edges_b: list[np.ndarray]) -> np.ndarray:
+    """Connected components; each row's label is the smallest row index of its component."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
+    a = np.concatenate(edges_a) if edges_a else np.empty(0, dtype=np.int64)
+    b = np.concatenate(edges_b) if edges_b else np.empty(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(smallest, labels, np.arange(n))
+    return smallest[labels]
+
+
+def _group(
+    members: np.ndarray, first_sha: np.ndarray, h: np.ndarray, has: np.ndarray, max_distance: int, chunk: int
+) -> np.ndarray:
+    """Groups among ``members`` (ascending row indices, closed under equal sha256): for each, the
+    smallest row index of its group."""
+    n = len(members)
+    local = np.arange(n)
+    edges_a, edges_b = [local], [np.searchsorted(members, first_sha[members])]
+    if max_distance > 0 and n > 1:
+        mh, mhas = h[members], has[members]
+        with_hash = local[mhas]
+        uniq, inverse = np.unique(mh[mhas], return_inverse=True)
+        rep = np.full(len(uniq), n, dtype=np.int64)
+        np.minimum.at(rep, inverse, with_hash)
+        edges_a.append(with_hash)  # equal pHashes: distance 0
+        edges_b.append(rep[inverse])
+        pending = 0
+        for ua, ub in _near_pairs(uniq, max_distance, chunk):
+            edges_a.append(rep[ua])
+            edges_b.append(rep[ub])
+            pending += len(ua)
+            if pending > 4_000_000:  # fold the pairs into components: memory stays O(n)
+                labels = _components(n, edges_a, edges_b)
+                edges_a, edges_b, pending = [local], [labels], 0
+    return members[_components(n, edges_a, edges_b)]
+
+
+def duplicate_groups(
+    sha256: pd.Series,
+    phash: pd.Series,
+    max_distance: int,
+    chunk: int = 512,
+    *,
+    max_group: int | None = None,
+) -> np.ndarray:
+    """Group id per row (the smallest row index of its group): rows with equal sha256 or
+    pHashes within ``max_distance`` bits share one.
+
+    pHash closeness chains transitively, so a group larger than ``max_group`` is regrouped
+    with the distance tightened one bit at a time until every part is within the bound; at 0
+    bits only exact copies (sha256) stay together, so a bound is always met short of that
+    many copies of one file. Each such group is named in a warning."""
+    n = len(sha256)
+    rows = np.arange(n)
+    # Exact copies: every row joins the first row with its sha256 (rows without one stand alone).
+    codes, _ = pd.factorize(pd.Series(sha256).reset_index(drop=True))
+    first_sha = np.where(codes >= 0, pd.Series(rows).groupby(codes).transform("min").to_numpy(), rows)
+    if max_distance > 0:
+        h, has = _hash_ints(pd.Series(phash).reset_index(drop=True))
+    else:
+        h, has = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=bool)
+    groups = _group(rows, first_sha, h, has, max_distance, chunk)
+    sizes = np.bincount(groups, minlength=n)
+    largest = int(sizes.max()) if n else 0
+    if max_group is None or largest <= max_group:
+        log.info("largest duplicate group: %d images", largest)
+        return groups
+
+    def bounded(members: np.ndarray, distance: int) -> np.ndarray:
+        sub = _group(members, first_sha, h, has, distance, chunk)
+        ids, counts = np.unique(sub, return_counts=True)
+        for gid in ids[counts > max_group] if distance > 0 else ():
+            part = sub == gid
+            sub[part] = bounded(members[part], distance - 1)
+        return sub
+
+    for g in np.flatnonzero(sizes > max_group):
+        members = np.flatnonzero(groups == g)
+        parts = bounded(members, max_distance - 1)
+        groups[members] = parts
+        log.warning(
+            "a near-duplicate group of %d images (over the bound of %d) is a pHash chain, not copies of one "
+            "image: regrouped at tighter distances into %d groups of at most %d images",
+            len(members),
+            max_group,
+            len(np.unique(parts)),
+            int(np.unique(parts, return_counts=True)[1].max()),
+        )
+    log.info(
+        "largest duplicate group: %d images (%d before the bound of %d)",
+        int(np.bincount(groups, minlength=n).max()),
+        largest,
+        max_group,
+    )
+    return groups
+
+
+# -- assignment --------------------------------------------------------------------------------
+def _usable(manifest: pd.DataFrame) -> pd.DataFrame:
     usable = manifest[manifest["error"].isna() & manifest["label"].isin(CLASSES)]
-    usable = usable.sort_values("path", kind="stable").reset_index(drop=True)
-    groups = duplicate_groups(usable["sha256"], usable["phash"], cfg.near_dup_distance)
-    sizes = pd.Series(groups).value_counts()
-    n_dup_groups = int((sizes > 1).sum())
+    return usable.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def _assign_folds(usable: pd.DataFrame, groups: np.ndarray, cfg: SplitConfig) -> np.ndarray:
+    """The first split of a lineage: StratifiedGroupKFold."""
+    from sklearn.model_selection import StratifiedGroupKFold
 
     n_folds, (k_train, k_val, _k_test) = cfg.folds()
     smallest = usable["label"].value_counts().min()
@@ -137,13 +297,84 @@ def make_split(manifest: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, 
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=cfg.seed)
     for fold, (_, idx) in enumerate(sgkf.split(np.zeros(len(usable)), usable["label"], groups)):
         fold_of[idx] = fold
-    split = np.where(fold_of < k_train, "train", np.where(fold_of < k_train + k_val, "val", "test"))
+    return np.where(fold_of < k_train, "train", np.where(fold_of < k_train + k_val, "val", "test"))
+
+
+def _carry_forward(usable: pd.DataFrame, groups: np.ndarray, cfg: SplitConfig, prior: pd.Series) -> np.ndarray:
+    """Later splits: surviving groups keep their split; new groups fill per-class deficits."""
+    rank = usable["sha256"].map(prior).map(_PRIORITY)  # NaN for images never assigned
+    df = pd.DataFrame({"group": groups, "label": usable["label"], "sha256": usable["sha256"], "rank": rank})
+    per_group = df.groupby("group").agg(rank=("rank", "max"), low=("rank", "min"), min_sha=("sha256", "min"))
+    mixed = per_group[per_group["low"] < per_group["rank"]]
+    if len(mixed):
+        moved = int(((df["rank"] < df["group"].map(per_group["rank"])) & df["group"].isin(mixed.index)).sum())
+        log.warning(
+            "%d duplicate groups joined images from different earlier splits; %d images moved to the "
+            "strictest of them (test > val > train), so nothing seen in evaluation is trained on",
+            len(mixed),
+            moved,
+        )
+    # Groups with any earlier assignment keep the strictest one.
+    split_of_group: dict[int, str] = {int(g): SPLITS[int(r)] for g, r in per_group["rank"].dropna().items()}
+
+    active = [s for s in SPLITS if cfg.ratios()[s] > 0]
+    totals = df["label"].value_counts()
+    target = {(c, s): cfg.ratios()[s] * totals.get(c, 0) for c in CLASSES for s in active}
+    carried_rows = df[df["group"].isin(split_of_group)]
+    counts = {(c, s): 0 for c in CLASSES for s in active}
+    for (c, s), k in (
+        carried_rows.assign(split=carried_rows["group"].map(split_of_group)).groupby(["label", "split"]).size().items()
+    ):
+        counts[(c, s)] = counts.get((c, s), 0) + int(k)
+
+    new = per_group[per_group["rank"].isna()]
+    # Deterministic, seed-dependent and independent of paths: a group's place in the queue
+    # comes from its content alone.
+    keys = [hashlib.sha256(f"{cfg.seed}:{s}".encode()).hexdigest() for s in new["min_sha"]]
+    queue = new.index[np.argsort(np.array(keys), kind="stable")]
+    per_label = df[df["group"].isin(new.index)].groupby(["group", "label"]).size().rename("n").reset_index()
+    # A group's class is its majority label (near-duplicates across classes are rare; ties by name).
+    majority = per_label.sort_values(["group", "n", "label"], ascending=[True, False, True]).drop_duplicates("group")
+    label_of = dict(zip(majority["group"], majority["label"], strict=True))
+    members: dict[int, list[tuple[str, int]]] = {}
+    for g, lab, k in zip(per_label["group"], per_label["label"], per_label["n"], strict=True):
+        members.setdefault(int(g), []).append((lab, int(k)))
+    for g in queue:
+        c = label_of[g]
+        # Largest deficit against the class's target; ties go to the larger ratio, then train first.
+        s = max(active, key=lambda s: (target[(c, s)] - counts[(c, s)], cfg.ratios()[s], -SPLITS.index(s)))
+        split_of_group[int(g)] = s
+        for lab, k in members[int(g)]:
+            counts[(lab, s)] += k
+    return df["group"].map(split_of_group).to_numpy()
+
+
+def make_split(manifest: pd.DataFrame, cfg: SplitConfig, prior: pd.Series | None = None) -> tuple[pd.DataFrame, int]:
+    """Assign each usable row to a split. Returns (table, number of duplicate groups).
+
+    ``prior`` (sha256 -> split) holds the assignments of the lineage so far; when any usable
+    image is in it, those assignments are carried forward, otherwise the split is drawn afresh."""
+    usable = _usable(manifest)
+    groups = duplicate_groups(
+        usable["sha256"], usable["phash"], cfg.near_dup_distance, max_group=cfg.group_bound(len(usable))
+    )
+    sizes = pd.Series(groups).value_counts()
+    n_dup_groups = int((sizes > 1).sum())
+    if prior is not None and usable["sha256"].isin(prior.index).any():
+        split = _carry_forward(usable, groups, cfg, prior)
+    else:
+        split = _assign_folds(usable, groups, cfg)
     table = usable[["path", "label", "sha256"]].assign(group=groups, split=split)
     return table, n_dup_groups
 
 
-def split_hash(version: str, table: pd.DataFrame) -> str:
+def split_hash(version: str, table: pd.DataFrame, cfg: SplitConfig | None = None, parent: str | None = None) -> str:
+    """Content address of a split: dataset version, config, parent and every (path, split)."""
     h = hashlib.sha256(version.encode())
+    if cfg is not None:
+        h.update(json.dumps(asdict(cfg), sort_keys=True).encode())
+    if parent:
+        h.update(f"\nparent {parent}".encode())
     for path, split in sorted(zip(table["path"], table["split"], strict=True)):
         h.update(f"\n{path}\t{split}".encode())
     return h.hexdigest()[:16]
@@ -154,11 +385,81 @@ def split_counts(table: pd.DataFrame) -> dict[str, dict[str, int]]:
     return {s: {lab: int(c.get((s, lab), 0)) for lab in CLASSES} for s in SPLITS if s in set(table["split"])}
 
 
+# -- the store -----------------------------------------------------------------------------------
+def _ref_from_info(store: Store, info: dict) -> SplitRef:
+    names = {f.name for f in fields(SplitRef)}
+    return SplitRef(**{**{k: v for k, v in info.items() if k in names}, "store": store.uri})
+
+
+def _complete_splits(store: Store, prefix: str = "datasets") -> list[dict]:
+    """The ``split.json`` of every complete split under ``prefix`` (with ``_key`` added)."""
+    out = []
+    for key in store.list(prefix):
+        if _SPLIT_JSON.fullmatch(key):
+            try:
+                info = json.loads(store.read_text(key))
+            except (ValueError, FileNotFoundError) as e:
+                log.warning("ignoring unreadable split marker %s: %s", store.uri_for(key), e)
+                continue
+            out.append({**info, "_key": key})
+    return out
+
+
+def _lineage(info: dict) -> dict | None:
+    cfg = info.get("config") or {}
+    try:
+        return SplitConfig(**cfg).lineage_key()
+    except (TypeError, ValueError):
+        return None
+
+
+def find_split(store: Store, version: str, cfg: SplitConfig) -> SplitRef | None:
+    """The complete split of ``version`` made with exactly ``cfg``, if there is one (the oldest)."""
+    same = [i for i in _complete_splits(store, f"datasets/{version}/splits") if i.get("config") == asdict(cfg)]
+    if not same:
+        return None
+    return _ref_from_info(store, min(same, key=lambda i: (i.get("created", ""), i["split_hash"])))
+
+
+def find_parent(store: Store, cfg: SplitConfig) -> dict | None:
+    """The newest complete split of the same lineage (ratios, seed, distance), of any version."""
+    key = cfg.lineage_key()
+    same = [i for i in _complete_splits(store) if _lineage(i) == key]
+    return max(same, key=lambda i: (i.get("created", ""), i["split_hash"])) if same else None
+
+
+def load_assignments(store: Store, info: dict) -> pd.Series:
+    """sha256 -> split: every image the lineage of this split has assigned."""
+    from covid_data.manifest import read_parquet_bytes
+
+    prefix = info["_key"].rsplit("/", 1)[0]
+    key = f"{prefix}/assignments.parquet"
+    table = read_parquet_bytes(store.read_bytes(key if store.exists(key) else f"{prefix}/split.parquet"))
+    return _ledger(table)
+
+
+def _ledger(table: pd.DataFrame) -> pd.Series:
+    """One split per sha256 (the strictest, should one ever appear twice)."""
+    ranked = table[["sha256", "split"]].assign(rank=table["split"].map(_PRIORITY))
+    best = ranked.sort_values(["sha256", "rank"]).drop_duplicates("sha256", keep="last")
+    return best.set_index("sha256")["split"]
+
+
 def write_split(store: Store, version: str, manifest: pd.DataFrame, cfg: SplitConfig) -> SplitRef:
+    """Compute and store the split of ``version``, or return the complete one already there."""
     from covid_data.manifest import to_parquet_bytes
 
-    table, n_dup = make_split(manifest, cfg)
-    h = split_hash(version, table)
+    existing = find_split(store, version, cfg)
+    if existing is not None:
+        log.info("split %s of dataset %s is already complete in %s", existing.split_hash, version, store.uri)
+        return existing
+
+    parent = find_parent(store, cfg)
+    prior = load_assignments(store, parent) if parent else None
+    table, n_dup = make_split(manifest, cfg, prior)
+    carried = int(table["sha256"].isin(prior.index).sum()) if prior is not None else 0
+    parent_hash = parent["split_hash"] if parent and carried else None
+    h = split_hash(version, table, cfg, parent_hash)
     ref = SplitRef(
         store=store.uri,
         version=version,
@@ -166,17 +467,39 @@ def write_split(store: Store, version: str, manifest: pd.DataFrame, cfg: SplitCo
         counts=split_counts(table),
         duplicate_groups=n_dup,
         excluded=len(manifest) - len(table),
+        largest_group=int(table["group"].value_counts().max()) if len(table) else 0,
+        parent=parent_hash,
+        carried=carried,
     )
-    store.put_bytes(f"{ref.prefix}/split.parquet", to_parquet_bytes(table))
-    info = {"config": asdict(cfg), **ref.to_dict()}
-    if not store.exists(f"{ref.prefix}/split.json"):
-        store.put_text(f"{ref.prefix}/split.json", json.dumps(info, indent=2, sort_keys=True))
+    unit = store.unit(ref.prefix, marker=MARKER)
+    done = unit.record()
+    if done is not None:  # completed meanwhile (or by an identical earlier run)
+        return _ref_from_info(store, done)
+    ledger = _ledger(table)
+    if parent_hash:
+        assert prior is not None
+        ledger = pd.concat([prior[~prior.index.isin(ledger.index)], ledger]).sort_index()
+    assignments = ledger.rename_axis("sha256").reset_index()
+    try:
+        # Until the marker exists, objects an interrupted attempt left are replaced: their bytes
+        # may differ (another pandas/pyarrow) and only the marker vouches for them.
+        unit.put_bytes("split.parquet", to_parquet_bytes(table))
+        unit.put_bytes("assignments.parquet", to_parquet_bytes(assignments))
+        completed = unit.complete({"config": asdict(cfg), "created": datetime.now(UTC).isoformat(), **ref.to_dict()})
+    except UnitCompleteError:
+        completed = False
+    if not completed:  # a concurrent run completed the same split first: theirs stands
+        return _ref_from_info(store, unit.record() or {})
     log.info(
-        "split %s of dataset %s: %s; %d duplicate groups kept within one split; %d rows excluded",
+        "split %s of dataset %s: %s; %d duplicate groups kept within one split (largest %d images); "
+        "%d images carried from split %s; %d rows excluded",
         h,
         version,
         {s: sum(v.values()) for s, v in ref.counts.items()},
         n_dup,
+        ref.largest_group,
+        carried,
+        parent_hash,
         ref.excluded,
     )
     return ref

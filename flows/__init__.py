@@ -1,3 +1,3 @@
 """Prefect flows of the retraining pipeline."""
 
-import covid_data.prefect_env  # noqa: F401  (must precede the Prefect import)
+import tasks.prefect_env  # noqa: F401  (must precede the Prefect import)

@@ -15,6 +15,8 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
+from covid_data.split import SplitConfig
+from tasks.credentials import DEFAULT_SECRET_BLOCK
 from tasks.data import build_manifest, fetch_source, publish_dataset, split_dataset, validate_dataset
 
 DEFAULT_SOURCE = os.environ.get("COVID_DATA_SOURCE", "kaggle")
@@ -34,14 +36,16 @@ def prepare_data(
     test: float = 0.2,
     seed: int = 42,
     near_dup_distance: int = 4,
+    max_group_share: float = SplitConfig.max_group_share,
     cache_dir: str | None = None,
+    kaggle_secret_block: str | None = DEFAULT_SECRET_BLOCK,
 ) -> dict[str, Any]:
     """Bring the dataset into the store, validate it and split it.
 
     Returns the store URIs of the dataset version, its manifest, the validation result and
     the split, with the split's hash (the cache key of later steps).
     """
-    staged = fetch_source(source, cache_dir)
+    staged = fetch_source(source, cache_dir, kaggle_secret_block)
     manifest_path = build_manifest(staged)
     dataset = publish_dataset(manifest_path, staged, store)
     validation = validate_dataset(
@@ -53,7 +57,14 @@ def prepare_data(
     )
     split = split_dataset(
         dataset,
-        {"train": train, "val": val, "test": test, "seed": seed, "near_dup_distance": near_dup_distance},
+        {
+            "train": train,
+            "val": val,
+            "test": test,
+            "seed": seed,
+            "near_dup_distance": near_dup_distance,
+            "max_group_share": max_group_share,
+        },
         wait_for=[validation],
     )
     create_table_artifact(
@@ -73,17 +84,52 @@ def prepare_data(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m flows.prepare_data", description=prepare_data.description)
+    d = SplitConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m flows.prepare_data",
+        description=prepare_data.description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--source", default=DEFAULT_SOURCE, help="kaggle[:owner/slug], a folder, a .zip or a store prefix")
     p.add_argument("--store", default=DEFAULT_STORE, help="store URI: a path, file://... or gs://bucket/prefix")
     p.add_argument("--profile", default="kaggle", help="validation profile: kaggle, shared-sample or any")
-    p.add_argument("--image-size", type=int, default=299, help="expected width and height (0: don't check)")
-    p.add_argument("--size-mismatch", choices=["warn", "fail"], default="fail")
-    p.add_argument("--unreadable", choices=["exclude", "fail"], default="exclude")
-    p.add_argument("--split", default="0.7,0.1,0.2", help="train,val,test ratios (the paper: 0.8,0.2,0)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--near-dup-distance", type=int, default=4)
-    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--image-size", type=int, default=299, help="expected width and height in pixels (0: don't check)")
+    p.add_argument(
+        "--size-mismatch", choices=["warn", "fail"], default="fail", help="what an image of another size does"
+    )
+    p.add_argument(
+        "--unreadable",
+        choices=["exclude", "fail"],
+        default="exclude",
+        help="undecodable files: leave them out (up to 1%%) or fail validation",
+    )
+    p.add_argument(
+        "--split",
+        default=f"{d.train},{d.val},{d.test}",
+        help="train,val,test ratios, summing to 1 (the paper: 0.8,0.2,0)",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the split")
+    p.add_argument(
+        "--near-dup-distance",
+        type=int,
+        default=d.near_dup_distance,
+        help="images whose 64-bit pHashes differ in at most this many bits share a group (0: exact copies only)",
+    )
+    p.add_argument(
+        "--max-group-share",
+        type=float,
+        default=d.max_group_share,
+        help="a near-duplicate group larger than this share of the images (and over 20 images) is a pHash chain "
+        "and is split back into exact copies (1: no bound)",
+    )
+    p.add_argument(
+        "--cache-dir", default=None, help="download/unpack cache (unset: $COVID_CACHE_DIR or ~/.cache/covid-xray)"
+    )
+    p.add_argument(
+        "--kaggle-secret-block",
+        default=DEFAULT_SECRET_BLOCK,
+        help="Prefect Secret block with Kaggle credentials, used when the client finds none ('': never)",
+    )
     a = p.parse_args(argv)
     train, val, test = (float(x) for x in a.split.split(","))
     result = prepare_data(
@@ -98,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
         test=test,
         seed=a.seed,
         near_dup_distance=a.near_dup_distance,
+        max_group_share=a.max_group_share,
         cache_dir=a.cache_dir,
+        kaggle_secret_block=a.kaggle_secret_block or None,
     )
     print(json.dumps(result, indent=2))
 

@@ -28,6 +28,7 @@ from covid_data.manifest import read_parquet_bytes, to_parquet_bytes
 from covid_data.split import SplitConfig, write_split
 from covid_data.store import open_store
 from covid_data.validation import DataValidationError, get_profile, validate_manifest
+from tasks.credentials import DEFAULT_SECRET_BLOCK, prefect_secret_credentials
 
 
 def _progress_reporter(description: str):
@@ -40,9 +41,18 @@ def _progress_reporter(description: str):
 
 
 @task(name="fetch-source", retries=2, retry_delay_seconds=[10, 60])
-def fetch_source(source: str, cache_dir: str | None = None) -> dict[str, Any]:
-    """Download (Kaggle), unpack (zip) or locate (folder, store prefix) the source images."""
-    staged = stage_source(parse_source(source), Path(cache_dir) if cache_dir else default_cache_dir())
+def fetch_source(
+    source: str, cache_dir: str | None = None, secret_block: str | None = DEFAULT_SECRET_BLOCK
+) -> dict[str, Any]:
+    """Download (Kaggle), unpack (zip) or locate (folder, store prefix) the source images.
+
+    Kaggle credentials the client does not find itself come from the Prefect Secret block
+    ``secret_block`` (None: anonymous access only)."""
+    staged = stage_source(
+        parse_source(source),
+        Path(cache_dir) if cache_dir else default_cache_dir(),
+        kaggle_credentials=prefect_secret_credentials(secret_block),
+    )
     get_run_logger().info("source %s staged at %s", staged.source, staged.root)
     return asdict(staged)
 
@@ -98,14 +108,18 @@ def validate_dataset(dataset: dict[str, Any], profile: str = "kaggle", **overrid
 
 @task(name="split-dataset")
 def split_dataset(dataset: dict[str, Any], split: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Stratified, leak-free train/val/test split, stored with its own hash."""
+    """Stratified, leak-free train/val/test split, stored with its own hash; assignments of
+    images an earlier split of the same settings placed are carried forward."""
     store = open_store(dataset["store"])
     manifest = read_parquet_bytes(store.read_bytes(f"datasets/{dataset['version']}/manifest.parquet"))
     ref = write_split(store, dataset["version"], manifest, SplitConfig(**(split or {})))
     get_run_logger().info(
-        "split %s: %s (%d duplicate groups kept together)",
+        "split %s: %s (%d duplicate groups kept together, the largest of %d images; %d images carried from split %s)",
         ref.split_hash,
         json.dumps({k: sum(v.values()) for k, v in ref.counts.items()}),
         ref.duplicate_groups,
+        ref.largest_group,
+        ref.carried,
+        ref.parent,
     )
     return ref.to_dict()

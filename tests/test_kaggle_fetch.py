@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from covid_data.archive import CorruptArchiveError, UnsafeArchiveError
 from covid_data.dataset import fetch_dataset, load_manifest
-from covid_data.kaggle_download import KaggleAuthError
+from covid_data.kaggle_download import KaggleAuthError, KaggleCredentials
 from covid_data.store import open_store
 from tests.conftest import make_kaggle_folder
 from tests.kaggle_stub import zip_folder
@@ -114,3 +116,25 @@ def test_zip_slip_archive_is_refused_and_nothing_is_written(kaggle_stub, archive
         fetch_dataset("kaggle", str(tmp_path / "store"), cache_dir=tmp_path / "cache")
     assert not list(tmp_path.rglob("escaped.txt"))
     assert not (tmp_path / "store").exists()
+
+
+def test_credentials_provider_is_asked_only_when_the_client_finds_none(kaggle_stub, archive, tmp_path):
+    kaggle_stub.add(REF, archive)
+    kaggle_stub.credentials = ("bob", "provider-key")
+    asked = []
+
+    def provider() -> KaggleCredentials:
+        asked.append(True)
+        return KaggleCredentials("bob", "provider-key", origin="the test's vault")
+
+    ref = fetch_dataset("kaggle", str(tmp_path / "store"), cache_dir=tmp_path / "cache", kaggle_credentials=provider)
+    assert ref.n_images == 40 and asked == [True]
+    assert "provider-key" not in repr(KaggleCredentials("bob", "provider-key"))
+
+
+def test_covid_data_does_not_import_prefect():
+    code = (
+        "import sys, covid_data.dataset, covid_data.split, covid_data.kaggle_download, covid_data.validation; "
+        "sys.exit('prefect' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -85,3 +86,26 @@ def test_version_is_a_content_address(tmp_path: Path):
     c = a.copy()
     c.loc[0, "sha256"] = "0" * 64
     assert dataset_version(c) != dataset_version(a)
+
+
+def test_incomplete_version_is_replaced_and_complete_one_never_rewritten(tmp_path: Path):
+    from covid_data.dataset import MANIFEST, publish_version
+    from covid_data.store import open_store
+
+    src = make_kaggle_folder(tmp_path / "src", n_per_class=3, seed=9, extras=False)
+    m = manifest_for_folder(src, workers=1)
+    store = open_store(tmp_path / "store")
+    folder = tmp_path / "store" / "datasets" / dataset_version(m)
+    folder.mkdir(parents=True)
+    (folder / "dataset.json").write_text('{"left": "by an interrupted attempt"}')  # no manifest: incomplete
+    ref = publish_version(store, m, src, source="test")
+    assert ref.uploaded == 12
+    assert '"n_images": 12' in (folder / "dataset.json").read_text()
+    assert pd.read_parquet(folder / MANIFEST).equals(m)
+
+    # Complete now: a manifest written by another pandas/pyarrow has other bytes; no matter.
+    m.to_parquet(folder / MANIFEST, index=False, compression="gzip")
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
+    again = publish_version(store, m, src, source="test")
+    assert again.version == ref.version and again.uploaded == 0
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in folder.rglob("*") if p.is_file()} == before

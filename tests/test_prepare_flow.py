@@ -79,3 +79,49 @@ def test_wrong_folder_fails_with_its_path(prefect_server, tmp_path):
     assert state.is_failed()
     with pytest.raises(Exception, match="no class folders found under .*holiday-photos"):
         state.result()
+
+
+def test_every_data_setting_is_a_flow_parameter_and_a_cli_option(capsys):
+    from flows.prepare_data import main
+
+    params = set(prepare_data.parameters.properties)
+    assert params == {
+        "source",
+        "store",
+        "profile",
+        "image_size",
+        "size_mismatch",
+        "unreadable",
+        "train",
+        "val",
+        "test",
+        "seed",
+        "near_dup_distance",
+        "max_group_share",
+        "cache_dir",
+        "kaggle_secret_block",
+    }
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    cli = {p for p in params if p not in ("train", "val", "test")} | {"split"}
+    for name in cli:
+        assert f"--{name.replace('_', '-')} " in help_text, name
+    assert help_text.count("(default:") >= len(cli)  # each option explains itself and its default
+
+
+def test_secret_block_credentials(prefect_server):
+    from prefect.blocks.system import Secret
+
+    from covid_data.kaggle_download import KaggleAuthError
+    from tasks.credentials import prefect_secret_credentials, secret_block_credentials
+
+    Secret(value={"username": "carol", "key": "k-123"}).save("kaggle-test-creds", overwrite=True)
+    creds = prefect_secret_credentials("kaggle-test-creds")()
+    assert (creds.username, creds.key) == ("carol", "k-123")
+    assert "kaggle-test-creds" in creds.origin
+    assert secret_block_credentials("no-such-block") is None
+    assert prefect_secret_credentials(None) is None
+    Secret(value={"username": "carol"}).save("kaggle-test-bad", overwrite=True)
+    with pytest.raises(KaggleAuthError, match="must hold"):
+        secret_block_credentials("kaggle-test-bad")
