@@ -7,13 +7,23 @@ conversion the package is read back and its inputs, outputs, labels and metadata
 Running it needs the Core ML runtime (macOS); elsewhere that check says it was skipped.
 
 TensorFlow Lite runs here, so its outputs are compared with the Keras model on real images.
+
+Both converters are chatty: Keras' SavedModel export prints one ``TensorSpec(...)`` line per
+captured variable, TensorFlow's C++ converter logs through absl to stderr, and coremltools draws
+progress bars. :func:`converter_output` keeps all of it out of the run log, in a file beside the
+export (``<export>.log``) and a DEBUG record; a conversion error carries the log's tail.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
 import platform
 import shutil
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +56,89 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
+# Python loggers the converters chatter on; their records go to the converter log, not the run log.
+CONVERTER_LOGGERS = ("tensorflow", "absl", "keras", "coremltools", "h5py")
+
+
+def _flush_c_stdio() -> None:
+    """Flush C's stdio buffers (printf from native code) before the fds are switched."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).fflush(None)
+
+
+@contextlib.contextmanager
+def _loggers_to(stream) -> Iterator[None]:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    saved = []
+    for name in CONVERTER_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        logger.handlers = [handler]
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers = handlers
+            logger.propagate = propagate
+
+
+def _error_tail(text: str, n: int = 40) -> str:
+    """The converter log's lines that look like errors (else its last lines), at most ``n``."""
+    lines = [ln for ln in text.splitlines() if ln.strip() and "TensorSpec(" not in ln]
+    errors = [ln for ln in lines if "error" in ln.lower() or ln[:1] in ("E", "F") and ln[1:5].isdigit()]
+    return "\n".join((errors or lines)[-n:])
+
+
+@contextlib.contextmanager
+def converter_output(log_path: Path, what: str = "converter") -> Iterator[Path]:
+    """Send everything printed inside the block to ``log_path`` instead of the run log.
+
+    Native code (TensorFlow's converter, absl logging) writes to file descriptors 1 and 2, so those
+    are redirected; Python prints go to ``sys.stdout``/``sys.stderr``, which a runner or pytest may
+    have replaced by objects that never reach those fds, so they are redirected too; and the
+    tf/absl/keras/coremltools loggers write there as well. On an exception, the log's error lines
+    are added to the exception's notes, so a real failure still says what went wrong. While the
+    block runs, anything else the process prints (other threads) lands in the same file.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    _flush_c_stdio()
+    log_path.write_bytes(b"")  # this conversion's output only
+    # Both opened for appending: the fds and the Python stream then never overwrite each other.
+    with open(log_path, "ab") as raw, open(log_path, "a", buffering=1, encoding="utf-8", errors="replace") as text:
+        saved: list[tuple[int, int]] = []
+        try:
+            for fd in (1, 2):
+                with contextlib.suppress(OSError):  # a closed fd (a daemon) has nothing to redirect
+                    saved.append((fd, os.dup(fd)))
+                    os.dup2(raw.fileno(), fd)
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text), _loggers_to(text):
+                yield log_path
+        except BaseException as e:
+            text.flush()
+            _flush_c_stdio()
+            tail = _error_tail(log_path.read_text(errors="replace"))
+            e.add_note(f"{what} output (full log: {log_path}):\n{tail}" if tail else f"{what} log: {log_path}")
+            raise
+        finally:
+            text.flush()
+            _flush_c_stdio()
+            for fd, copy in saved:
+                os.dup2(copy, fd)
+                os.close(copy)
+    n = sum(1 for _ in log_path.open(errors="replace"))
+    log.debug("%s printed %d lines, kept in %s", what, n, log_path)
+    logging.getLogger(__name__ + ".converter").debug("%s output:\n%s", what, log_path.read_text(errors="replace"))
+
+
+def _log_beside(out: Path) -> Path:
+    return out.with_name(out.name + ".log")
+
+
 def coreml_metadata(model_name: str, input_size: int, version: str, metrics: dict[str, Any]) -> dict[str, str]:
     return {
         "model": model_name,
@@ -68,29 +161,34 @@ def convert_coreml(
     author: str = "covid-xray-retraining pipeline",
     license: str = "Model weights: research use only. Data: COVID-19 Radiography Database (Kaggle), see its terms.",
 ) -> ExportRecord:
-    """Convert to an ``.mlpackage`` (fp16, or int8 weights with ``quantize="int8"``)."""
-    import coremltools as ct
+    """Convert to an ``.mlpackage`` (fp16, or int8 weights with ``quantize="int8"``).
 
+    What coremltools prints (its import warnings, progress bars, TensorFlow's logs) goes to
+    ``<out>.log`` beside the package.
+    """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantisation {quantize!r}; use None or 'int8'")
     size = int(keras_model.input_shape[1])
     channels = int(keras_model.input_shape[-1])
-    layout = ct.colorlayout.GRAYSCALE if channels == 1 else ct.colorlayout.RGB
-    mlmodel = ct.convert(
-        keras_model,
-        inputs=[ct.ImageType(name="image", shape=(1, size, size, channels), color_layout=layout)],
-        classifier_config=ct.ClassifierConfig(list(CLASSES)),
-        convert_to="mlprogram",
-        compute_precision=ct.precision.FLOAT16,
-        minimum_deployment_target=ct.target.iOS15,
-    )
-    precision = "float16"
-    if quantize == "int8":
-        from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+    with converter_output(_log_beside(out), "Core ML converter"):
+        import coremltools as ct
 
-        config = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
-        mlmodel = linear_quantize_weights(mlmodel, config=config)
-        precision = "int8 weights"
-    elif quantize is not None:
-        raise ValueError(f"unknown quantisation {quantize!r}; use None or 'int8'")
+        layout = ct.colorlayout.GRAYSCALE if channels == 1 else ct.colorlayout.RGB
+        mlmodel = ct.convert(
+            keras_model,
+            inputs=[ct.ImageType(name="image", shape=(1, size, size, channels), color_layout=layout)],
+            classifier_config=ct.ClassifierConfig(list(CLASSES)),
+            convert_to="mlprogram",
+            compute_precision=ct.precision.FLOAT16,
+            minimum_deployment_target=ct.target.iOS15,
+        )
+        precision = "float16"
+        if quantize == "int8":
+            from coremltools.optimize.coreml import OpLinearQuantizerConfig, OptimizationConfig, linear_quantize_weights
+
+            config = OptimizationConfig(global_config=OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
+            mlmodel = linear_quantize_weights(mlmodel, config=config)
+            precision = "int8 weights"
     mlmodel.short_description = f"{model_name}: chest X-ray classifier ({', '.join(CLASSES)}). {DISCLAIMER}"
     mlmodel.author = author
     mlmodel.license = license
@@ -168,11 +266,16 @@ def coreml_parity(package: Path, keras_model, images: np.ndarray) -> float:
 
 
 def export_tflite(keras_model, out: Path) -> ExportRecord:
-    """A float32 TFLite flatbuffer of the whole model (preprocessing included)."""
+    """A float32 TFLite flatbuffer of the whole model (preprocessing included).
+
+    The converter's output (hundreds of ``TensorSpec`` lines, absl logs) goes to ``<out>.log``.
+    """
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
-    out.write_bytes(converter.convert())
+    with converter_output(_log_beside(out), "TFLite converter"):
+        converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+        flatbuffer = converter.convert()
+    out.write_bytes(flatbuffer)
     return ExportRecord("tflite", str(out), out.stat().st_size, "float32")
 
 
