@@ -3,10 +3,10 @@
 Measured side by side on the same train images (the shared sample's split, 2,660 X-rays), interleaved in each
 repeat, each a full pass of exactly one epoch (``repeat=False``), grayscale, batch 16:
 
-* ours, cached, fill pass: ``split_dataset(..., training=True, cache_dir=<empty folder>)``: decode + resize
+* ours, cached, fill pass: ``image_dataset(..., training=True, cache_dir=<empty folder>)``: decode + resize
   every image and write the on-disk cache (this happens while the dataset is built), then one pass over it;
 * ours, cached: the same with the cache already filled (what every epoch after the first costs);
-* ours, uncached: ``split_dataset(..., cache_dir=None)``: decode + resize every image every pass;
+* ours, uncached: ``image_dataset(..., cache_dir=None)``: decode + resize every image every pass;
 * Keras: ``keras.utils.image_dataset_from_directory`` on a folder of symlinks ``<label>/<file>`` to the same
   files (``color_mode="grayscale"``, ``image_size``, ``batch_size=16``, shuffled as in training).
 
@@ -77,7 +77,7 @@ def run(split_uri: str, size: int, batch: int, repeats: int, seed: int) -> dict[
     import keras
 
     from covid_data.labels import CLASSES
-    from covid_models.data import load_split_data, split_dataset
+    from covid_models.data import image_dataset, load_split_data
 
     data = load_split_data(split_uri)
     files, y = data.files("train")
@@ -93,7 +93,7 @@ def run(split_uri: str, size: int, batch: int, repeats: int, seed: int) -> dict[
         cache_filled = work / "cache-filled"
 
         def ours(cache_dir: Path | None) -> Callable[[], Any]:
-            return lambda: split_dataset(
+            return lambda: image_dataset(
                 data,
                 "train",
                 size=size,

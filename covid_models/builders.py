@@ -40,6 +40,11 @@ class Architecture:
     mode: str  # "caffe" | "tf" | "torch" | "unit"
     min_size: int
 
+    @property
+    def transfer(self) -> bool:
+        """A keras.applications backbone (ImageNet weights possible), not the custom CNN."""
+        return bool(self.application)
+
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
@@ -199,7 +204,7 @@ def build_model(
         raise ValueError(f"{name} needs an input of at least {arch.min_size}px, got {input_size}")
     inputs = keras.Input((input_size, input_size, channels), name="image")
     x = preprocess_layer(arch.mode, channels)(inputs)
-    if name == "custom_cnn":
+    if not arch.transfer:
         outputs = _custom_cnn_body(tuple(x.shape[1:]), num_classes)(x)
         return keras.Model(inputs, outputs, name=name)
     backbone = _backbone(arch, input_size, weights)
@@ -234,4 +239,4 @@ def parts(model) -> tuple:
 
 
 def is_transfer(name: str) -> bool:
-    return name != "custom_cnn"
+    return ARCHITECTURES[name].transfer

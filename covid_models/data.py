@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,24 +106,90 @@ def decode_resize(path, size: int, channels: int):
     return tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
 
 
+# Who fills a cache: an advisory lock (flock) on `<prefix>.fill-lock`, held for the whole fill. The
+# kernel drops it when the holder exits, SIGKILL included, so "TF lock file there, fill lock free"
+# means the filler died: tf.data's own `<prefix>_<shard>.lockfile` ("Created at: <seconds>") says
+# neither who nor whether it is alive. The fill-lock file also records pid/host for messages, and
+# is never deleted (deleting a lock file lets two processes lock two different inodes).
+FILL_LOCK_SUFFIX = ".fill-lock"
+
+
+def _partial_cache_files(prefix: str) -> list[Path]:
+    """What an unfinished fill leaves: ``<name>_<shard>.lockfile``, ``<name>_<shard>.data-*.tempstate*``,
+    shard bundles, and a half-merged ``<name>.data-*`` without its ``<name>.index``."""
+    p = Path(prefix)
+    if not p.parent.is_dir():
+        return []
+    shard = [f for f in p.parent.glob(f"{p.name}_*") if f.name[len(p.name) + 1 :][:1].isdigit()]
+    return sorted(shard + list(p.parent.glob(f"{p.name}.data-*")))
+
+
+@contextmanager
+def _fill_lock(prefix: str) -> Iterator[str | None]:
+    """Try to become the one process filling ``prefix``: yields None when it did, else who holds it."""
+    import fcntl
+    import json
+    import socket
+
+    path = Path(prefix + FILL_LOCK_SUFFIX)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = True
+        else:
+            held = False
+        if held:
+            f.seek(0)
+            yield f.read().strip() or "another process"
+            return
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+            f.flush()
+            yield None
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _filled_cache(ds, prefix: str):
     """``ds.cache(prefix)``, filled now by one full pass.
 
     tf.data finalises a file cache only when an iterator reaches the end of the data, which
     Keras' fit/predict (stopping after a known number of steps) never do; filling it here
-    makes the cache reliable. Another process filling the same cache at the same moment makes
-    this one read uncached instead of waiting.
+    makes the cache reliable. Another live process filling the same cache at the same moment
+    makes this one read uncached instead of waiting. What a killed filler left behind (tf.data's
+    lock file and partial files) is removed, and the cache is filled again.
     """
     import tensorflow as tf
 
     if Path(prefix + ".index").exists():
         return ds.cache(prefix)
-    t0 = time.perf_counter()
-    try:
-        n = int(ds.cache(prefix).reduce(0, lambda count, _: count + 1))
-    except (tf.errors.AlreadyExistsError, tf.errors.UnavailableError) as e:
-        log.warning("image cache %s is being written by another process; reading uncached (%s)", prefix, e)
-        return ds
+    with _fill_lock(prefix) as holder:
+        if holder is not None:
+            log.warning("image cache %s is being written by %s; reading uncached", prefix, holder)
+            return ds
+        if Path(prefix + ".index").exists():  # a filler finished between the two checks
+            return ds.cache(prefix)
+        stale = _partial_cache_files(prefix)
+        if stale:
+            # We hold the fill lock, so no live process is writing these: its filler died.
+            log.warning(
+                "image cache %s: removing %d files of an interrupted fill (%s) and filling again",
+                prefix,
+                len(stale),
+                ", ".join(f.name for f in stale),
+            )
+            for f in stale:
+                f.unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        try:
+            n = int(ds.cache(prefix).reduce(0, lambda count, _: count + 1))
+        except (tf.errors.AlreadyExistsError, tf.errors.UnavailableError) as e:
+            # A filler that does not take the fill lock (another host, an older version).
+            log.warning("image cache %s is being written by another process; reading uncached (%s)", prefix, e)
+            return ds
     log.info("cached %d decoded images at %s in %.1fs", n, prefix, time.perf_counter() - t0)
     return ds.cache(prefix)
 
@@ -161,7 +229,7 @@ def make_dataset(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def split_dataset(
+def image_dataset(
     data: SplitData,
     split: str,
     *,

@@ -22,7 +22,9 @@ COLUMNS = [
     "epochs",
     "error",
 ]
-RANK_KEYS = {"val_accuracy": False, "val_loss": True, "test_accuracy": False, "test_macro_f1": False}
+# Validation only: the test split judges the winner (champion gate), so ranking on it too would
+# be selection on test.
+RANK_KEYS = {"val_accuracy": False, "val_loss": True}
 
 
 def _num(v: Any) -> float:
@@ -32,6 +34,11 @@ def _num(v: Any) -> float:
 def leaderboard(records: list[dict[str, Any]], rank_by: str = "val_accuracy") -> pd.DataFrame:
     """One row per model; succeeded models ranked by ``rank_by`` (validation accuracy, the
     paper's choice), ties broken by validation loss, then by name; failed models last."""
+    if rank_by.startswith("test"):
+        raise ValueError(
+            f"cannot rank by {rank_by!r}: ranking on the test split and then gating the champion on it is "
+            f"selection on test; rank by {' or '.join(sorted(RANK_KEYS))}"
+        )
     if rank_by not in RANK_KEYS:
         raise ValueError(f"cannot rank by {rank_by!r}; choose from {sorted(RANK_KEYS)}")
     rows = []

@@ -77,7 +77,9 @@ def resolve_imagenet(model: str, input_size: int) -> str | Path:
 
 def has_local_imagenet(model: str, input_size: int) -> bool:
     """Whether ImageNet weights for ``model`` are in the local weights folder."""
-    return model != "custom_cnn" and any((weights_dir() / n).is_file() for n in keras_file_names(model, input_size))
+    from covid_models.builders import is_transfer
+
+    return is_transfer(model) and any((weights_dir() / n).is_file() for n in keras_file_names(model, input_size))
 
 
 def missing_weights(model: str, expected: Path, why: str) -> MissingWeightsError:

@@ -72,7 +72,7 @@ def trained_mobilenet(small_split, tmp_path_factory):
 
 
 def test_feature_cache_training_equals_the_joined_model(trained_mobilenet):
-    from covid_models.data import load_split_data, split_dataset
+    from covid_models.data import image_dataset, load_split_data
 
     cfg, result = trained_mobilenet
     assert list((Path(cfg.cache_dir) / "features").glob("*/train.npy"))  # it did use the feature cache
@@ -80,7 +80,7 @@ def test_feature_cache_training_equals_the_joined_model(trained_mobilenet):
     model = load_trained_model(f"{cfg.out}/model.keras")  # the joined model, loaded in safe mode
     data = load_split_data(cfg.split)
     for split in ("val", "test"):
-        probs = model.predict(split_dataset(data, split, size=96), verbose=0)
+        probs = model.predict(image_dataset(data, split, size=96), verbose=0)
         again = classification_metrics(probs, data.files(split)[1])
         assert again["confusion_matrix"] == stored["metrics"][split]["confusion_matrix"]
         assert again["loss"] == pytest.approx(stored["metrics"][split]["loss"], abs=1e-4)

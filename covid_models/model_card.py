@@ -1,0 +1,90 @@
+"""Model cards: what a published model is, how it was trained, how well it does, and its limits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from covid_models.builders import is_transfer
+from covid_models.export import DISCLAIMER
+
+
+def describe_weights(model: str, config: dict[str, Any], weights: dict[str, Any] | None = None) -> str:
+    """Starting weights and what trained, in words (e.g. "ImageNet weights (sha256 1a2b...), backbone frozen")."""
+    if not is_transfer(model):
+        return "trained from scratch (all layers)"
+    w = weights or {"kind": "imagenet" if config.get("weights") == "imagenet" else config.get("weights")}
+    if w.get("kind") == "imagenet":
+        start = "ImageNet weights" + (
+            f" (sha256 {w['sha256'][:12]})" if w.get("sha256") not in (None, "download") else ""
+        )
+    elif w.get("kind") in ("none", None) or config.get("weights") == "none":
+        start = "random initialisation"
+    else:
+        start = f"weights from `{w.get('file')}`" + (f" (sha256 {w['sha256'][:12]})" if w.get("sha256") else "")
+    ft = int(config.get("fine_tune_layers") or 0) if config.get("fine_tune_epochs") else 0
+    trained = (
+        "backbone frozen, head trained" if ft == 0 else f"head trained, then the top {ft} backbone layers fine-tuned"
+    )
+    return f"{start}; {trained}"
+
+
+def model_card(
+    model: str,
+    metrics: dict[str, Any],
+    config: dict[str, Any],
+    dataset: dict[str, Any],
+    weights: dict[str, Any] | None = None,
+) -> str:
+    """A short model card: intended use, data, metrics with confidence intervals, limits."""
+
+    def pct(v: float) -> str:
+        return f"{100 * v:.1f}%"
+
+    lines = [
+        f"# Model card: {model}",
+        "",
+        f"**{DISCLAIMER}**",
+        "",
+        "## Intended use",
+        "Research and education: classifying a frontal chest X-ray into COVID, Lung_Opacity, Normal or "
+        "Viral Pneumonia, as in the study this pipeline automates. Not for clinical decisions, triage or screening.",
+        "",
+        "## Data",
+        f"COVID-19 Radiography Database, dataset version `{dataset.get('version')}`, "
+        f"split `{dataset.get('split_hash')}` ({dataset.get('counts')}). Images from a small number of public "
+        "sources; hospitals, devices and populations are not balanced across classes.",
+        "",
+        "## Training",
+        f"Input {config['input_size']}x{config['input_size']} grayscale (raw pixels; preprocessing inside the model); "
+        f"{describe_weights(model, config, weights)}; {config['epochs']} epochs max, learning rate "
+        f"{config['learning_rate']}.",
+        "",
+        "## Metrics",
+        "| split | accuracy | macro-F1 | COVID sensitivity (95% CI) | COVID specificity (95% CI) | ECE |",
+        "|---|---|---|---|---|---|",
+    ]
+    for split, m in metrics.items():
+        s_lo, s_hi = m["covid_sensitivity_ci95"]
+        p_lo, p_hi = m["covid_specificity_ci95"]
+        lines.append(
+            f"| {split} (n={m['n']}) | {pct(m['accuracy'])} | {m['macro_f1']:.3f} | {pct(m['covid_sensitivity'])} "
+            f"({pct(s_lo)}-{pct(s_hi)}) | {pct(m['covid_specificity'])} ({pct(p_lo)}-{pct(p_hi)}) | {m['ece']:.3f} |"
+        )
+    lines += [
+        "",
+        "## Limits",
+        "- Trained and evaluated on one public collection; accuracy on other hospitals' images is unknown, "
+        "and likely lower.",
+        "- A model can learn acquisition artefacts (markers, devices, processing) rather than disease.",
+        "- Class balance differs from any real population: predictive values in practice differ from these figures.",
+        "- Much of the Viral Pneumonia class comes from a paediatric collection, while the other classes are "
+        "mostly adults: age is a shortcut a model can learn, and Viral Pneumonia accuracy may not carry over to "
+        "adults.",
+        "- The data has no patient IDs: images of one patient can sit in different splits. Splits group exact and "
+        "near-duplicate images (by content hash and perceptual hash), which catches copies, not repeat studies.",
+        "- Grayscale frontal views only; lateral views and other findings are out of scope.",
+        "",
+        "Cite: Chowdhury et al., IEEE Access 8 (2020) 132665; Rahman et al., Computers in Biology and Medicine 132 "
+        "(2021) 104319.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,129 @@
+"""The phone formats of a trained model, stored beside it and converted once.
+
+Each format is its own stored unit under the model's slot, ``exports/<variant>/`` with
+``export.json`` written last: ``coreml`` (fp16 ML Program), ``coreml-int8`` (8-bit weights) and
+``tflite`` (float32). A run that needs a variant the model does not have yet converts only that
+one; a complete variant is never converted or written again (Core ML packages carry fresh UUIDs,
+so a second conversion would never match the first byte for byte).
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covid_data.store import Unit, open_store
+from covid_models.export import (
+    COREML_MAX_PROB_DIFF,
+    TFLITE_MAX_PROB_DIFF,
+    ExportCheckError,
+    convert_coreml,
+    coreml_parity,
+    export_tflite,
+    tflite_parity,
+)
+
+log = logging.getLogger(__name__)
+
+MARKER = "export.json"
+VARIANTS = ("coreml", "coreml-int8", "tflite")
+
+
+def export_slot(model_uri: str, variant: str) -> Unit:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown export {variant!r}; choose from {VARIANTS}")
+    return Unit(open_store(model_uri), f"exports/{variant}", MARKER)
+
+
+def wanted_variants(int8: bool) -> list[str]:
+    return ["coreml", *(["coreml-int8"] if int8 else []), "tflite"]
+
+
+def _test_images(split_uri: str, input_size: int, channels: int, n: int, max_per_class: int | None) -> np.ndarray:
+    from covid_models.data import image_dataset, load_split_data
+
+    data = load_split_data(split_uri, max_per_class=max_per_class)
+    split = "test" if data.size("test") else "val"
+    ds = image_dataset(data, split, size=input_size, channels=channels, batch_size=n)
+    return next(iter(ds.take(1)))[0].numpy()
+
+
+def _convert(variant: str, model, name: str, tmp: Path, *, version: str, metrics: dict, images: np.ndarray) -> dict:
+    """Convert and check one variant into ``tmp``; the record of what was made."""
+    if variant.startswith("coreml"):
+        q = "int8" if variant == "coreml-int8" else None
+        file = f"{name}{'-int8' if q else ''}.mlpackage"
+        rec = convert_coreml(model, tmp / file, model_name=name, version=version, metrics=metrics, quantize=q)
+        checks = dict(rec.checks)
+        if platform.system() == "Darwin":  # the Core ML runtime exists only on macOS
+            diff = coreml_parity(Path(rec.path), model, images)
+            checks["runtime_max_prob_diff"] = diff
+            if diff > COREML_MAX_PROB_DIFF and q is None:
+                raise ExportCheckError(
+                    f"Core ML package of {name} differs from Keras by {diff:.2e} in probability on {len(images)} "
+                    f"real test images (bound {COREML_MAX_PROB_DIFF:.0e})"
+                )
+        else:
+            checks.setdefault("runtime_parity", "skipped: the Core ML runtime exists only on macOS")
+        return {"file": file, "bytes": rec.bytes, "precision": rec.precision, "checks": checks}
+    file = f"{name}.tflite"
+    rec = export_tflite(model, tmp / file)
+    diff = tflite_parity(Path(rec.path), model, images)
+    if diff > TFLITE_MAX_PROB_DIFF:
+        raise ExportCheckError(
+            f"TFLite export of {name} differs from Keras by {diff:.2e} in probability on {len(images)} real "
+            f"test images (bound {TFLITE_MAX_PROB_DIFF:.0e})"
+        )
+    return {
+        "file": file,
+        "bytes": rec.bytes,
+        "precision": rec.precision,
+        "checks": {"max_prob_diff": diff, "images": len(images)},
+    }
+
+
+def ensure_exports(
+    model_uri: str,
+    variants: list[str],
+    *,
+    split_uri: str,
+    version: str,
+    metrics: dict[str, Any],
+    parity_images: int = 32,
+    max_per_class: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``{variant: record}`` for each wanted variant, converting only those not yet complete."""
+    slots = {v: export_slot(model_uri, v) for v in variants}
+    records = {v: s.record() for v, s in slots.items()}
+    todo = [v for v, r in records.items() if r is None]
+    if not todo:
+        log.info("exports %s of %s are already stored: not converted again", variants, model_uri)
+        return {v: _with_uri(slots[v], r) for v, r in records.items()}
+    from covid_models.train import load_trained_model, model_slot
+
+    stored = model_slot(model_uri).record()
+    if stored is None:
+        raise FileNotFoundError(f"{model_uri} holds no complete model (no metrics.json): nothing to export")
+    cfg = stored["config"]
+    name = cfg["model"]
+    model = load_trained_model(open_store(model_uri).uri_for("model.keras"))
+    images = _test_images(split_uri, cfg["input_size"], cfg["channels"], parity_images, max_per_class)
+    for v in todo:
+        with tempfile.TemporaryDirectory(prefix=f"export-{v}-") as tmp:
+            rec = _convert(v, model, name, Path(tmp), version=version, metrics=metrics, images=images)
+            slot = slots[v]
+            slot.put_tree(rec["file"], Path(tmp) / rec["file"])
+            slot.complete({"variant": v, "model": name, "version": version, **rec})
+        records[v] = slot.record()
+        log.info("exported %s as %s: %.1f MB", name, v, records[v]["bytes"] / 1e6)
+    return {v: _with_uri(slots[v], r) for v, r in records.items()}
+
+
+def _with_uri(slot: Unit, record: dict[str, Any]) -> dict[str, Any]:
+    rec = {k: v for k, v in record.items() if k != "objects"}
+    return {**rec, "uri": slot.store.uri_for(slot.key(record["file"]))}

@@ -1,0 +1,155 @@
+"""What one training is: its settings, the weights it starts from, and the key of its model slot.
+
+A trained model is stored at ``models/<split hash>/<model>-<key>/`` and reused whenever the key
+matches. The key hashes the *fully resolved* settings (every field, defaults included), the
+checksum of the weights file that will actually be loaded, and a fingerprint of the training
+code, so a changed default, a different weights file or new training code never reuses a model
+trained under the old ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from covid_models.builders import MODEL_NAMES, is_transfer
+
+# Settings that say where things are, not what is trained.
+_NOT_TRAINING = ("model", "split", "out", "cache_dir", "verbose")
+# Modules whose code decides what a training produces (hashed into every slot key).
+_TRAINING_CODE = (
+    "augment.py",
+    "builders.py",
+    "checkpoints.py",
+    "data.py",
+    "evaluate.py",
+    "feature_cache.py",
+    "train.py",
+    "train_config.py",
+)
+
+HELP: dict[str, str] = {
+    "input_size": "square input size in pixels (the paper: 299)",
+    "channels": "image channels fed to the model: 1 (grayscale, converted inside the model) or 3",
+    "epochs": "maximum epochs of the first phase (head, or the whole custom CNN)",
+    "learning_rate": "learning rate of the first phase",
+    "optimizer": "adam, sgd or rmsprop",
+    "batch_size": "global batch size (default: 16 per replica, as in the paper)",
+    "patience": "early stopping patience in epochs on --monitor, best weights restored (0: off)",
+    "monitor": "the validation quantity early stopping watches (val_loss or val_accuracy)",
+    "weights": "transfer backbones: imagenet, none (random initialisation) or a weights file path",
+    "fine_tune_layers": "after the head converges, train the top N backbone layers (0: no fine-tuning)",
+    "fine_tune_epochs": "epochs of the fine-tuning phase",
+    "fine_tune_learning_rate": "learning rate of the fine-tuning phase",
+    "augment": "random flips, rotations, zoom and contrast on training images",
+    "feature_cache": "frozen backbone without augmentation: train the head on cached backbone features",
+    "max_per_class": "at most this many images per class and split (quick runs; the test set is then capped)",
+    "cache_dir": "local cache of decoded images, features and staged files (default ~/.cache/covid-xray)",
+    "seed": "random seed of initialisation, shuffling and augmentation",
+    "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch",
+}
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    split: str  # URI of a split.parquet
+    out: str  # store URI for this model's artefacts
+    input_size: int = 299
+    channels: int = 1
+    epochs: int = 30
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"
+    batch_size: int | None = None  # default: 16 per replica (the paper)
+    patience: int = 5  # early stopping on `monitor`, best weights restored; 0 = off
+    monitor: str = "val_loss"
+    weights: str = "imagenet"  # "imagenet" | "none" | a weights file
+    fine_tune_layers: int = 0  # after the head converges, train the top N backbone layers ...
+    fine_tune_epochs: int = 0  # ... for this many epochs ...
+    fine_tune_learning_rate: float = 1e-5  # ... at this rate
+    augment: bool = False
+    feature_cache: bool = True  # frozen backbone, no augmentation: train the head on cached features
+    max_per_class: int | None = None  # at most this many images per class and split (quick runs)
+    cache_dir: str | None = None
+    seed: int = 42
+    verbose: int = 2  # Keras progress: 2 = one line per epoch (readable in Prefect logs)
+
+    def __post_init__(self):
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODEL_NAMES)}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown training settings {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_weights(cfg: TrainConfig) -> dict[str, Any]:
+    """The weights this training will start from: kind, file and its sha256 where there is one.
+
+    For ``imagenet`` this is the local file Keras would load (see covid_models.weights); where
+    none exists and downloads are allowed, the Keras file name stands in for the checksum.
+    """
+    from covid_models.weights import resolve_imagenet
+
+    if not is_transfer(cfg.model) or cfg.weights == "none":
+        return {"kind": "none", "file": None, "sha256": None}
+    if cfg.weights == "imagenet":
+        resolved = resolve_imagenet(cfg.model, cfg.input_size)
+        if resolved == "imagenet":
+            from covid_models.weights import keras_file_names
+
+            return {"kind": "imagenet", "file": keras_file_names(cfg.model, cfg.input_size)[0], "sha256": "download"}
+        return {"kind": "imagenet", "file": str(resolved), "sha256": _cached_sha256(str(resolved))}
+    path = Path(cfg.weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} for {cfg.model} does not exist")
+    return {"kind": "file", "file": str(path), "sha256": _cached_sha256(str(path))}
+
+
+@cache
+def _cached_sha256(path: str) -> str:
+    return file_sha256(path)
+
+
+@cache
+def code_version() -> str:
+    """A fingerprint of the training code (see ``_TRAINING_CODE``)."""
+    here = Path(__file__).parent
+    h = hashlib.sha256()
+    for name in _TRAINING_CODE:
+        p = here / name
+        h.update(name.encode() + b"\0" + (p.read_bytes() if p.exists() else b"") + b"\0")
+    return h.hexdigest()[:12]
+
+
+def training_identity(cfg: TrainConfig) -> dict[str, Any]:
+    """Everything that decides what a training produces (hashed into the slot key)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_TRAINING}
+    weights = resolve_weights(cfg)
+    return {
+        "model": cfg.model,
+        "settings": settings,
+        "weights": {"kind": weights["kind"], "sha256": weights["sha256"]},
+        "code": code_version(),
+    }
+
+
+def slot_key(cfg: TrainConfig) -> str:
+    identity = json.dumps(training_identity(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(identity.encode()).hexdigest()[:12]
