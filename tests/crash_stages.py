@@ -1,0 +1,168 @@
+"""One stage of a tiny retraining run, as a process of its own, for the crash-safety test.
+
+    python tests/crash_stages.py STAGE --source DIR --store DIR --run-id ID
+
+Stages, in order: prepare (publish the dataset version and its split), train (a tiny custom CNN),
+export (its Core ML and TFLite files), publish (the run folder), promote (bless, then the champion
+compare-and-swap) and complete (report and run.json). Each calls the plain functions the
+Prefect tasks wrap, and derives its inputs from the store alone, so a rerun after a kill starts
+from whatever the killed process left. Set ``COVID_FAULT_KILL_AFTER`` / ``COVID_FAULT_COUNTER``
+to have the process SIGKILL itself after its N-th store write (covid_data.store).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+STAGES = ("prepare", "train", "export", "publish", "promote", "complete")
+RATIOS = (0.5, 0.25, 0.25)
+
+
+def _split_uri(store_uri: str) -> str:
+    from covid_data.store import open_store
+
+    store = open_store(store_uri)
+    markers = [k for k in store.list("datasets") if k.endswith("/split.json")]
+    if len(markers) != 1:
+        raise RuntimeError(f"expected one complete split in {store_uri}, found {markers}")
+    return store.uri_for(markers[0].rsplit("/", 1)[0] + "/split.parquet")
+
+
+def _preset():
+    from covid_models.presets import Preset
+
+    return Preset(
+        name="crash-test",
+        models=("custom_cnn",),  # one model: every write boundary of a slot, at a quarter of the time
+        input_size=32,
+        epochs=1,
+        weights="none",
+        patience=0,
+        split=RATIOS,
+        int8=False,
+    )
+
+
+def _records(store_uri: str) -> tuple[list[dict], dict]:
+    from covid_data.split import load_split
+    from covid_models.presets import model_configs
+    from covid_models.train import TrainConfig, cached_result
+
+    split_uri = _split_uri(store_uri)
+    split_hash = split_uri.rstrip("/").split("/")[-2]
+    configs = model_configs(_preset(), split_uri, split_hash, store_uri, list(_preset().models))
+    records = [cached_result(TrainConfig(**c)) for c in configs]
+    data = {"split": split_uri, "split_hash": split_hash, "dataset_version": split_uri.split("/")[-4]}
+    data["split_counts"] = load_split(split_uri).groupby("split").size().to_dict()
+    return [r.to_dict() if r else None for r in records], {**data, "configs": configs}
+
+
+def _exports(records: list[dict], data: dict) -> list[dict]:
+    from covid_models.model_exports import ensure_exports
+
+    out = []
+    for r in records:
+        version = "/".join(r["out"].rstrip("/").rsplit("/", 2)[-2:])
+        variants = ensure_exports(
+            r["out"], ["coreml", "tflite"], split_uri=data["split"], version=version, metrics={}, parity_images=4
+        )
+        out.append({"model": r["model"], "model_uri": r["out"], "version": version, "variants": variants})
+    return out
+
+
+def _candidate(records: list[dict], data: dict, run_id: str) -> dict:
+    top = records[0]
+    return {
+        "run_id": run_id,
+        "model": top["model"],
+        "model_uri": top["out"],
+        "split_uri": data["split"],
+        "split_hash": data["split_hash"],
+        "dataset_version": data["dataset_version"],
+        "max_per_class": None,
+        "preset": "crash-test",
+        "val_accuracy": top["val_accuracy"],
+        "test_accuracy": top["test_accuracy"],
+        "test_covid_sensitivity": top["test_covid_sensitivity"],
+    }
+
+
+def run_stage(stage: str, source: str, store_uri: str, run_id: str) -> None:
+    from covid_data.store import open_store
+
+    if stage == "prepare":
+        from covid_data.dataset import load_manifest, manifest_of, parse_source, publish_version, stage_source
+        from covid_data.split import SplitConfig, write_split
+
+        staged = stage_source(parse_source(source), Path(store_uri).parent / "cache")
+        store = open_store(store_uri)
+        ref = publish_version(store, manifest_of(staged, workers=1), Path(staged.root), source=staged.source)
+        write_split(store, ref.version, load_manifest(store, ref.version), SplitConfig(*RATIOS))
+        return
+    records, data = _records(store_uri)
+    if stage == "train":
+        from covid_models.train import TrainConfig, train_model
+
+        for cfg in data["configs"]:
+            train_model(TrainConfig(**cfg))
+        return
+    if any(r is None for r in records):
+        raise RuntimeError(f"stage {stage} needs every model trained: {records}")
+    exports = _exports(records, data)
+    if stage == "export":
+        return
+    from covid_models import champion as registry
+    from covid_models.bless import bless
+    from covid_models.leaderboard import leaderboard, to_markdown
+    from covid_models.run_folder import complete_run, report_markdown, run_unit, write_run_folder
+
+    board = leaderboard(records)
+    rows = board.astype(object).where(board.notna(), None).to_dict("records")
+    candidate = _candidate(records, data, run_id)
+    store = open_store(store_uri)
+    if stage == "publish":
+        write_run_folder(
+            store_uri,
+            run_id,
+            dataset=data,
+            board_rows=rows,
+            board_markdown=to_markdown(board),
+            records=records,
+            exports=exports,
+            blessing=None,
+        )
+        return
+    if stage == "promote":
+        # A margin of -1 makes every challenger good enough: the test wants the swap to happen.
+        blessing = bless(
+            candidate, registry.current(store), run_succeeded=True, margin=-1.0, covid_sensitivity_floor=0.0
+        )
+        registry.decide_and_promote(store, {**candidate, "exports": {}}, blessing)
+        return
+    if stage == "complete":
+        run = {"run_id": run_id, "dataset": data, "preset": {"name": "crash-test"}, "models": {}, "exports": exports}
+        if not run_unit(store_uri, run_id).is_complete():
+            complete_run(store_uri, run_id, run, report_markdown(run, to_markdown(board)))
+        return
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=STAGES)
+    ap.add_argument("--source", required=True)
+    ap.add_argument("--store", required=True)
+    ap.add_argument("--run-id", default="r1")
+    a = ap.parse_args()
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    run_stage(a.stage, a.source, a.store, a.run_id)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""Crash safety: the pipeline SIGKILLed after every store write, then run again.
+
+Each stage of a tiny retraining run (tests/crash_stages.py: prepare, train, export, publish,
+promote, complete) runs as a real process that kills itself with SIGKILL right after its N-th
+store write, for every N until the stage finishes without reaching N; then the stage runs again.
+Every rerun must complete; every unit that was complete before the kill must be byte-identical
+after; ``champion.json`` must always parse and point at a complete model; the champion history
+is append-only. The first run (r0) covers every stage from an empty store; a second run (r1)
+covers publishing and replacing an existing champion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from covid_data.store import md5_file
+from tests.conftest import make_kaggle_folder
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+HERE = Path(__file__).parent
+STAGES_R0 = ("prepare", "train", "export", "publish", "promote", "complete")
+STAGES_R1 = ("publish", "promote", "complete")
+MARKERS = ("metrics.json", "export.json", "run.json", "split.json", "manifest.parquet", "_COMPLETE.json")
+
+
+def _env(work: Path, kill_after: int | None) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "COVID_CACHE_DIR": str(work / "cache"),
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "TF_NUM_INTRAOP_THREADS": "1",
+        "TF_NUM_INTEROP_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(HERE.parent),
+    }
+    env.pop("COVID_FAULT_KILL_AFTER", None)
+    if kill_after is not None:
+        counter = work / "writes.count"
+        counter.unlink(missing_ok=True)
+        env.update(COVID_FAULT_KILL_AFTER=str(kill_after), COVID_FAULT_COUNTER=str(counter))
+    return env
+
+
+def _stage(stage: str, source: Path, work: Path, run_id: str, kill_after: int | None = None):
+    return subprocess.run(
+        [sys.executable, str(HERE / "crash_stages.py"), stage, "--source", str(source), "--store", str(work / "store")]
+        + ["--run-id", run_id],
+        env=_env(work, kill_after),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _files(store: Path) -> dict[str, str]:
+    return {
+        p.relative_to(store).as_posix(): md5_file(p)
+        for p in store.rglob("*")
+        if p.is_file() and not p.name.endswith((".tmp", ".lock"))
+    }
+
+
+def complete_units(store: Path, files: dict[str, str]) -> dict[str, set[str]]:
+    """Each complete unit (found by its marker) and the keys it consists of."""
+    units: dict[str, set[str]] = {}
+    for key in files:
+        prefix, _, name = key.rpartition("/")
+        if key.startswith("champion/history/"):
+            units[key] = {key}  # each history entry is written once, never replaced
+        elif key.startswith("runs/") and key.count("/") > 2:
+            continue  # copies inside a run folder: run.json covers them
+        elif name in MARKERS:
+            if name == "manifest.parquet":  # a dataset version: images, dataset.json, manifest
+                members = {k for k in files if k.startswith(prefix + "/") and "/splits/" not in k}
+                members -= {k for k in members if "/validation/" in k}
+            elif name == "split.json":
+                members = {key, f"{prefix}/split.parquet"}
+            else:  # a Unit: its marker lists its objects
+                listed = json.loads((store / key).read_text()).get("objects", {})
+                members = {key} | {f"{prefix}/{k}" if prefix else k for k in listed}
+            units[prefix or "."] = members
+    return units
+
+
+def _snapshot(store: Path) -> tuple[dict[str, str], dict[str, set[str]]]:
+    files = _files(store)
+    return files, complete_units(store, files)
+
+
+def _check(store: Path, before: tuple[dict[str, str], dict[str, set[str]]], where: str) -> None:
+    files, units = before
+    after = _files(store)
+    for unit, keys in units.items():
+        changed = sorted(k for k in keys if after.get(k) != files.get(k))
+        assert not changed, f"{where}: complete unit {unit} changed: {changed}"
+    if (store / "champion.json").exists():
+        champ = json.loads((store / "champion.json").read_text())  # always parses
+        slot = Path(champ["model_uri"])
+        assert (slot / "metrics.json").is_file(), f"{where}: champion points at an incomplete model {slot}"
+
+
+class Slot:
+    """A fixed store path (URIs inside the store name it), reset from a saved state per kill point."""
+
+    def __init__(self, root: Path, source: Path):
+        self.work, self.source = root, source
+        self.states: dict[str, Path] = {}
+
+    def save(self, name: str) -> None:
+        dest = self.work.parent / f"{self.work.name}-state-{name}"
+        shutil.copytree(self.work / "store", dest, symlinks=True)
+        self.states[name] = dest
+
+    def restore(self, name: str | None) -> None:
+        shutil.rmtree(self.work / "store", ignore_errors=True)
+        shutil.rmtree(self.work / "cache", ignore_errors=True)
+        if name is not None:
+            shutil.copytree(self.states[name], self.work / "store", symlinks=True)
+        else:
+            (self.work / "store").mkdir(parents=True)
+
+    def build(self) -> None:
+        """The states before each stage, from an uninterrupted run of r0 then r1."""
+        self.restore(None)
+        self.save("r0-prepare")
+        for i, stage in enumerate(STAGES_R0):
+            res = _stage(stage, self.source, self.work, "r0")
+            assert res.returncode == 0, f"{stage} failed uninterrupted:\n{res.stderr[-3000:]}"
+            nxt = STAGES_R0[i + 1] if i + 1 < len(STAGES_R0) else None
+            self.save(f"r0-{nxt}" if nxt else "r1-publish")
+        for i, stage in enumerate(STAGES_R1):
+            res = _stage(stage, self.source, self.work, "r1")
+            assert res.returncode == 0, f"r1 {stage} failed uninterrupted:\n{res.stderr[-3000:]}"
+            if i + 1 < len(STAGES_R1):
+                self.save(f"r1-{STAGES_R1[i + 1]}")
+
+    def kill_point(self, run_id: str, stage: str, n: int) -> str:
+        """'done' when the stage finished before its n-th write, 'killed' when it was killed and
+        its rerun passed every check."""
+        self.restore(f"{run_id}-{stage}")
+        before_kill = _snapshot(self.work / "store")
+        res = _stage(stage, self.source, self.work, run_id, kill_after=n)
+        if res.returncode == 0:
+            return "done"
+        where = f"{run_id}/{stage} killed after write {n}"
+        assert res.returncode == -signal.SIGKILL, f"{where}: exit {res.returncode}\n{res.stderr[-3000:]}"
+        at_kill = _snapshot(self.work / "store")
+        _check(self.work / "store", before_kill, where + " (the kill itself)")
+        rerun = _stage(stage, self.source, self.work, run_id)
+        assert rerun.returncode == 0, f"{where}: the rerun failed\n{rerun.stderr[-3000:]}"
+        _check(self.work / "store", at_kill, where + ", rerun")
+        return "killed"
+
+
+def test_every_store_write_is_a_safe_place_to_die(tmp_path: Path):
+    source = make_kaggle_folder(tmp_path / "src", n_per_class=4, seed=5, extras=False)
+    slots = [Slot(tmp_path / f"slot{i}" / "work", source) for i in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(Slot.build, slots))
+    covered: dict[str, int] = {}
+    for run_id, stages in (("r0", STAGES_R0), ("r1", STAGES_R1)):
+        for stage in stages:
+            n, finished = 1, False
+            while not finished:
+                with ThreadPoolExecutor(2) as pool:  # two kill points at a time, one per slot
+                    futures = [
+                        pool.submit(s.kill_point, run_id, stage, k) for s, k in zip(slots, (n, n + 1), strict=True)
+                    ]
+                    outcomes = [f.result() for f in futures]
+                killed = [k for k, o in zip((n, n + 1), outcomes, strict=True) if o == "killed"]
+                covered[f"{run_id}/{stage}"] = max([covered.get(f"{run_id}/{stage}", 0), *killed])
+                finished = "done" in outcomes
+                n += 2
+    total = sum(covered.values())
+    print(f"kill points covered: {total} {covered}")
+    (Path(os.environ.get("COVID_CRASH_REPORT", tmp_path / "kill_points.json"))).write_text(
+        json.dumps({"total": total, "per_stage": covered}, indent=2)
+    )
+    # Every stage writes: if one made no write, the hook or the stage is broken.
+    assert all(v > 0 for v in covered.values()), covered
