@@ -1,208 +1,50 @@
-"""The ``retrain`` flow: prepare-data -> train every selected model -> rank -> Core ML -> publish.
+"""The ``retrain`` flow: prepare -> configure -> train -> rank -> bless -> export -> publish.
 
-    python -m flows.retrain --preset smoke --source ../shared/data/covid19-radiography-sample \
+    python -m flows.retrain --preset smoke --source ../shared/data/covid19-radiography-sample \\
         --store .store --profile shared-sample
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import time
-from dataclasses import asdict
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
-from prefect import flow, get_run_logger, runtime, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect import flow, get_run_logger, runtime
 
+from covid_data.split import SplitConfig
 from covid_data.store import open_store
-from covid_models.builders import MODEL_NAMES, is_transfer
-from covid_models.leaderboard import leaderboard, to_markdown
-from covid_models.presets import Preset, get_preset
-from covid_models.publish import copy_model_artefacts, decide_champion, model_card
-from covid_models.train import TrainConfig, cached_result
-from covid_models.weights import has_local_imagenet
+from covid_models.builders import MODEL_NAMES
+from covid_models.presets import PRESETS, get_preset
 from flows.prepare_data import DEFAULT_SOURCE, DEFAULT_STORE, prepare_data
-from tasks.training import export_top_model, train_model
+from tasks.credentials import DEFAULT_SECRET_BLOCK
+from tasks.fanout import train_models
+from tasks.locks import store_run_lock
+from tasks.models import configure_models, export_model, rank_models
+from tasks.publishing import bless_challenger, finish_run, promote_champion, publish_run
 
 TOP_N = 3
 
 
-def model_configs(
-    preset: Preset, split_uri: str, split_hash: str, store: str, models: list[str], overrides: dict[str, dict]
+@flow(name="train-models")
+def train_stage(
+    configs: list[dict[str, Any]],
+    max_parallel: int,
+    train_deployment: str | None = None,
+    model_timeout_s: float | None = None,
+    pickup_timeout_s: float | None = 600,
 ) -> list[dict[str, Any]]:
-    """One TrainConfig per model. Its output folder is keyed by split and settings, so the same
-    dataset, split, model and settings find the stored model instead of training again."""
-    out = []
-    for name in models:
-        weights = preset.weights
-        if weights == "local-imagenet":
-            weights = "imagenet" if has_local_imagenet(name, preset.input_size) else "none"
-        cfg = {
-            "model": name,
-            "split": split_uri,
-            "out": "",
-            "input_size": preset.input_size,
-            "epochs": preset.epochs,
-            "learning_rate": preset.head_learning_rate if is_transfer(name) else preset.learning_rate,
-            "batch_size": preset.batch_size,
-            "patience": preset.patience,
-            "weights": weights,
-            "max_per_class": preset.max_per_class,
-            **preset.overrides.get(name, {}),
-            **overrides.get(name, {}),
-        }
-        settings = {k: v for k, v in cfg.items() if k not in ("out", "split", "cache_dir", "verbose")}
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-        cfg["out"] = open_store(store).uri_for(f"models/{split_hash}/{name}-{key}")
-        out.append(asdict(TrainConfig(**cfg)))
-    return out
-
-
-def _train_all(configs: list[dict[str, Any]], max_parallel: int, deployment: str | None) -> list[dict[str, Any]]:
-    logger = get_run_logger()
-    records: list[dict[str, Any]] = []
-    todo = []
-    for cfg in configs:
-        cached = cached_result(TrainConfig(**cfg))
-        if cached is not None:
-            records.append(cached.to_dict())
-        else:
-            todo.append(cfg)
-    if len(records) == len(configs):
-        logger.info(
-            "all %d models are already trained for this dataset, split and settings: nothing trained", len(configs)
-        )
-    elif records:
-        logger.info("%d of %d models reused from the store; training %d", len(records), len(configs), len(todo))
-    if deployment:
-        return records + _train_on_deployment(todo, deployment)
-    threads = max(1, (os.cpu_count() or 1) // max(1, max_parallel))
-    for start in range(0, len(todo), max(1, max_parallel)):  # waves of max_parallel models
-        wave = todo[start : start + max(1, max_parallel)]
-        futures = [train_model.submit(cfg, threads=threads) for cfg in wave]
-        for cfg, fut in zip(wave, futures, strict=True):
-            fut.wait()
-            if fut.state.is_completed():
-                records.append(fut.result())
-            else:  # a failed model is reported, and does not sink the others
-                err = str(fut.state.message or fut.state.name)
-                logger.error("training %s failed: %s", cfg["model"], err)
-                records.append({"model": cfg["model"], "status": "failed", "error": err, "out": cfg["out"]})
-    return records
-
-
-def _train_on_deployment(configs: list[dict[str, Any]], deployment: str) -> list[dict[str, Any]]:
-    """Fan out: each model as a child flow run of the ``train-model`` deployment (its own worker)."""
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-
-    logger = get_run_logger()
-    runs = {
-        cfg["model"]: run_deployment(deployment, parameters={"config": cfg}, timeout=0, as_subflow=True)
-        for cfg in configs
-    }
-    logger.info("started %d child runs of %s: %s", len(runs), deployment, {m: str(r.id) for m, r in runs.items()})
-    final = {}
-    with get_client(sync_client=True) as client:
-        while len(final) < len(runs):
-            for model, run in runs.items():
-                if model not in final:
-                    state = client.read_flow_run(run.id).state
-                    if state is not None and state.is_final():
-                        final[model] = state
-            time.sleep(2)
-    records = []
-    for cfg in configs:
-        state = final[cfg["model"]]
-        res = cached_result(TrainConfig(**cfg)) if state.is_completed() else None
-        if res is not None:
-            records.append({**res.to_dict(), "status": "trained"})
-        else:
-            records.append(
-                {
-                    "model": cfg["model"],
-                    "status": "failed",
-                    "out": cfg["out"],
-                    "error": f"child flow run {runs[cfg['model']].id} ended {state.name}: {state.message}",
-                }
-            )
-    return records
-
-
-@task(name="publish-run")
-def publish_run(
-    store_uri: str,
-    run_id: str,
-    data: dict[str, Any],
-    preset: dict[str, Any],
-    records: list[dict[str, Any]],
-    exports: list[dict[str, Any]],
-    board_rows: list[dict[str, Any]],
-    run_succeeded: bool,
-    margin: float,
-    covid_sensitivity_floor: float,
-    timings: dict[str, float],
-) -> dict[str, Any]:
-    """Write everything of the run under runs/<run id>/ and decide the champion."""
-    import pandas as pd
-
-    store = open_store(store_uri)
-    prefix = f"runs/{run_id}"
-    board = pd.DataFrame(board_rows)
-    store.put_text(f"{prefix}/leaderboard.csv", board.to_csv(index=False))
-    store.put_text(f"{prefix}/leaderboard.md", to_markdown(board))
-    by_model = {r["model"]: r for r in records}
-    published: dict[str, Any] = {}
-    for r in records:
-        if r.get("status") not in ("trained", "cached"):
-            continue
-        copy_model_artefacts(r["out"], store, f"{prefix}/models/{r['model']}")
-        published[r["model"]] = store.uri_for(f"{prefix}/models/{r['model']}")
-    dataset = {"version": data["dataset_version"], "split_hash": data["split_hash"], "counts": data.get("split_counts")}
-    for e in exports:
-        stored = json.loads(open_store(by_model[e["model"]]["out"]).read_text("metrics.json"))
-        card = model_card(e["model"], stored["metrics"], stored["config"], dataset)
-        store.put_text(f"{prefix}/model_cards/{e['model']}.md", card)
-    best = next((r for r in board_rows if r["status"] in ("trained", "cached")), None)
-    decision = None
-    if best is not None:
-        candidate = {
-            "run_id": run_id,
-            "model": best["model"],
-            "model_uri": published.get(best["model"]),
-            "coreml": next((e["coreml"] for e in exports if e["model"] == best["model"]), None),
-            "split_hash": data["split_hash"],
-            "dataset_version": data["dataset_version"],
-            "test_accuracy": None if pd.isna(best["test_accuracy"]) else float(best["test_accuracy"]),
-            "test_covid_sensitivity": None
-            if pd.isna(best["test_covid_sensitivity"])
-            else float(best["test_covid_sensitivity"]),
-            "val_accuracy": float(best["val_accuracy"]),
-        }
-        decision = decide_champion(
-            store,
-            candidate,
-            run_succeeded=run_succeeded,
-            margin=margin,
-            covid_sensitivity_floor=covid_sensitivity_floor,
-        )
-    run = {
-        "run_id": run_id,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "dataset": data,
-        "preset": preset,
-        "succeeded": run_succeeded,
-        "models": published,
-        "exports": exports,
-        "champion": asdict(decision) if decision else None,
-        "seconds": timings,  # per stage, up to publishing
-    }
-    store.put_text(f"{prefix}/run.json", json.dumps(run, indent=2, default=str))
-    return run
+    """Every model on this flow's task runner (threads, or Dask workers), or each as a child
+    run of ``train_deployment`` on its own worker."""
+    return train_models(
+        configs,
+        max_parallel=max_parallel,
+        deployment=train_deployment,
+        model_timeout_s=model_timeout_s,
+        pickup_timeout_s=pickup_timeout_s,
+    )
 
 
 @flow(name="retrain")
@@ -212,143 +54,280 @@ def retrain(
     preset: str = "cpu",
     models: list[str] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
-    profile: str = "kaggle",
-    rank_by: str = "val_accuracy",
+    profile: str | None = None,
+    rank_by: Literal["val_accuracy", "val_loss"] = "val_accuracy",
     max_parallel: int | None = None,
     train_deployment: str | None = None,
+    dask_address: str | None = None,
     int8: bool | None = None,
     champion_margin: float = 0.0,
     covid_sensitivity_floor: float = 0.85,
+    split: tuple[float, float, float] | None = None,
+    seed: int = 42,
+    image_size: int | None = 299,
+    size_mismatch: Literal["warn", "fail"] = "fail",
+    unreadable: Literal["exclude", "fail"] = "exclude",
+    near_dup_distance: int = 4,
+    max_group_share: float = SplitConfig.max_group_share,
+    kaggle_secret_block: str | None = DEFAULT_SECRET_BLOCK,
+    model_timeout_s: float | None = None,
+    pickup_timeout_s: float | None = 600,
 ) -> dict[str, Any]:
-    """Retrain, rank, convert the top three to Core ML (and TFLite), publish.
+    """Retrain, rank on validation, bless against the champion, export the top three, publish.
 
     ``train_deployment`` (e.g. ``"train-model/vertex-tpu"``) trains each model as a child flow
-    run of that deployment instead of on this worker.
+    run of that deployment; ``dask_address`` trains them on a Dask cluster instead of threads.
     """
-    logger = get_run_logger()
-    p = get_preset(preset)
-    selected = list(models or p.models)
-    unknown = sorted(set(selected) - set(MODEL_NAMES))
-    if unknown:
-        raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODEL_NAMES)}")
-    train, val, test = p.split
-    clock = time.perf_counter()
-    timings: dict[str, float] = {}
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = round(now - clock, 1)
-        clock = now
-
-    data = prepare_data(source=source, store=store, profile=profile, train=train, val=val, test=test)
-    split_uri, split_hash = data["split"], data["split_hash"]
-    lap("prepare_data")
-    run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{str(runtime.flow_run.id or 'local')[:8]}"
-
-    configs = model_configs(p, split_uri, split_hash, store, selected, overrides or {})
-    records = _train_all(configs, max_parallel or p.max_parallel, train_deployment)
-    lap("train")
-    board = leaderboard(records, rank_by)
-    rows = board.astype(object).where(board.notna(), None).to_dict("records")
-    create_table_artifact(rows, key="leaderboard", description=f"retrain {run_id}: ranked by {rank_by}")
-    ok = [r for r in rows if r["status"] in ("trained", "cached")]
-    needed = min(TOP_N, len(configs))
-    by_model = {r["model"]: r for r in records}
-    exports = []
-    if len(ok) >= needed:
-        for r in ok[:needed]:
-            rec = by_model[r["model"]]
-            # The version names the trained model (split and settings), so exports are reusable.
-            version = "/".join(rec["out"].rstrip("/").rsplit("/", 2)[-2:])
-            exports.append(
-                export_top_model(
-                    rec,
-                    store,
-                    f"runs/{run_id}/exports",
-                    split_uri,
-                    version=version,
-                    int8=p.int8 if int8 is None else int8,
-                    max_per_class=p.max_per_class,
-                )
-            )
-    lap("export")
-    run_succeeded = len(ok) == len(configs) and len(exports) == needed
-    run = publish_run(
-        store,
-        run_id,
-        data,
-        p.to_dict(),
-        records,
-        exports,
-        rows,
-        run_succeeded,
-        champion_margin,
-        covid_sensitivity_floor,
-        timings,
-    )
-    _report(run, board, store)
-    if len(ok) < needed:
-        raise RuntimeError(
-            f"only {len(ok)} of {len(configs)} models trained; {needed} are needed for the top {needed}. "
-            f"Failures: {[(r['model'], r['error'][:200]) for r in rows if r['status'] == 'failed']}"
+    p = get_preset(preset, **({"split": tuple(split)} if split else {}))
+    selected = _check_models(models or p.models)
+    run_id, clock = _run_id(), _Timings()
+    with store_run_lock(store):
+        data = prepare_data(
+            source=source,
+            store=store,
+            profile=profile or default_profile(source),
+            image_size=image_size,
+            size_mismatch=size_mismatch,
+            unreadable=unreadable,
+            train=p.split[0],
+            val=p.split[1],
+            test=p.split[2],
+            seed=seed,
+            near_dup_distance=near_dup_distance,
+            max_group_share=max_group_share,
+            kaggle_secret_block=kaggle_secret_block,
         )
-    logger.info("champion: %s", run["champion"]["reason"] if run["champion"] else "none")
+        configs = configure_models(p.to_dict(), data, store, selected, overrides or {})
+        clock.lap("prepare_data")
+        records = _train_stage(dask_address)(
+            configs, max_parallel or p.max_parallel, train_deployment, model_timeout_s, pickup_timeout_s
+        )
+        clock.lap("train")
+        board = rank_models(records, rank_by, run_id)
+        top = _top_models(board["rows"], records, min(TOP_N, len(configs)))
+        candidate = _candidate(top[0], run_id, data, p) if top else None
+        trained_all = all(r["status"] in ("trained", "cached") for r in records)
+        blessing = bless_challenger(
+            candidate, store, training_succeeded=trained_all, margin=champion_margin, floor=covid_sensitivity_floor
+        )
+        clock.lap("bless")
+        exports = _export_all(top, data["split"], p.int8 if int8 is None else int8, p.max_per_class)
+        clock.lap("export")
+        exports_ok = len(exports) == len(top) == min(TOP_N, len(configs))
+        models_published = publish_run(store, run_id, data, board, records, exports, blessing)
+        decision = promote_champion(store, candidate, exports, blessing, exports_ok)
+        clock.lap("publish")
+        run = finish_run(
+            store,
+            run_id,
+            data,
+            p.to_dict(),
+            board,
+            records,
+            models_published,
+            exports,
+            blessing,
+            decision,
+            clock.seconds,
+        )
+    if len(top) < min(TOP_N, len(configs)):
+        failures = [(r["model"], str(r.get("error"))[:200]) for r in records if r["status"] == "failed"]
+        raise RuntimeError(
+            f"only {len(top)} of {len(configs)} models trained; {min(TOP_N, len(configs))} are needed for the "
+            f"top three. Failures: {failures}"
+        )
+    if not exports_ok:
+        raise RuntimeError(f"exports failed for {sorted({r['model'] for r in top} - {e['model'] for e in exports})}")
     return {
-        "run_id": run_id,
+        **{k: run[k] for k in ("run_id", "exports", "champion", "seconds")},
+        "leaderboard": board["rows"],
         "run": open_store(store).uri_for(f"runs/{run_id}"),
-        "leaderboard": rows,
-        "exports": exports,
-        "champion": run["champion"],
-        "seconds": timings,
     }
 
 
-def _coreml_runtime(checks: dict[str, Any]) -> str:
-    if "runtime_max_prob_diff" in checks:
-        return f"max |Δp| against Keras {checks['runtime_max_prob_diff']:.1e}"
-    return checks.get("runtime_parity", "not run")
+def default_profile(source: str) -> str:
+    """The Kaggle release's class counts are checked for Kaggle sources; anything else gets the
+    layout-only profile unless the caller names one."""
+    return "kaggle" if source.startswith("kaggle") else "any"
 
 
-def _report(run: dict[str, Any], board, store_uri: str) -> None:
-    store = open_store(store_uri)
-    lines = [
-        f"# Retrain {run['run_id']}",
-        "",
-        f"Dataset `{run['dataset']['dataset_version']}`, split "
-        f"`{run['dataset']['split_hash']}`, preset `{run['preset']['name']}`.",
-        "",
-        to_markdown(board),
-    ]
-    if run["champion"]:
-        lines += ["", f"**Champion:** {run['champion']['reason']}"]
-    for e in run["exports"]:
-        lines += [
-            "",
-            f"## {e['model']}",
-            f"Core ML {e['coreml_bytes'] / 1e6:.1f} MB (int8 {(e['coreml_int8_bytes'] or 0) / 1e6:.1f} MB), "
-            f"TFLite {e['tflite_bytes'] / 1e6:.1f} MB, TFLite vs Keras max |Δp| {e['tflite_max_prob_diff']:.1e}; "
-            f"Core ML runtime check: {_coreml_runtime(e['checks']['coreml'])}",
-        ]
-        create_link_artifact(e["coreml"], link_text=f"{e['model']}.mlpackage", description="Core ML package")
-    for model, uri in run["models"].items():
-        lines.append(f"- {model}: `{uri}` (curves: `{uri}/curves.png`)")
-    text = "\n".join(lines) + "\n"
-    store.put_text(f"runs/{run['run_id']}/report.md", text)
-    create_markdown_artifact(text, key="retrain-report", description=f"retrain {run['run_id']}")
+class _Timings:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._clock, 1)
+        self._clock = now
+
+
+def _run_id() -> str:
+    """Stable across retries of one flow run (its scheduled start and id), so a retried run
+    completes its own folder instead of leaving a second one."""
+    start = runtime.flow_run.scheduled_start_time or datetime.now(UTC)
+    return f"{start:%Y%m%dT%H%M%SZ}-{str(runtime.flow_run.id or 'local')[:8]}"
+
+
+def _export_all(top: list[dict], split_uri: str, int8: bool, max_per_class: int | None) -> list[dict[str, Any]]:
+    """One export task per top model, in turn (conversions are memory-hungry); a failed export is
+    logged and left out, and the run then cannot promote."""
+    exports = []
+    for r in top:
+        state = export_model(r, split_uri, int8, max_per_class, return_state=True)
+        if state.is_completed():
+            exports.append(state.result())
+        else:
+            get_run_logger().error("export of %s failed: %s", r["model"], state.message)
+    return exports
+
+
+def _check_models(models) -> list[str]:
+    unknown = sorted(set(models) - set(MODEL_NAMES))
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; choose from {', '.join(MODEL_NAMES)}")
+    return list(models)
+
+
+def _train_stage(dask_address: str | None):
+    """The train-models subflow, on a Dask cluster when an address is given (prefect-dask)."""
+    if not dask_address:
+        return train_stage
+    from prefect_dask import DaskTaskRunner
+
+    return train_stage.with_options(task_runner=DaskTaskRunner(address=dask_address))
+
+
+def _top_models(rows: list[dict], records: list[dict], n: int) -> list[dict[str, Any]]:
+    by_model = {r["model"]: r for r in records}
+    ok = [by_model[r["model"]] for r in rows if r["status"] in ("trained", "cached")]
+    return ok[:n]
+
+
+def _candidate(record: dict[str, Any], run_id: str, data: dict[str, Any], preset) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "model": record["model"],
+        "model_uri": record["out"],
+        "split_uri": data["split"],
+        "split_hash": data["split_hash"],
+        "dataset_version": data["dataset_version"],
+        "max_per_class": preset.max_per_class,
+        "preset": preset.name,
+        "val_accuracy": record.get("val_accuracy"),
+        "test_accuracy": record.get("test_accuracy"),
+        "test_covid_sensitivity": record.get("test_covid_sensitivity"),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m flows.retrain", description=retrain.description)
-    ap.add_argument("--source", default=DEFAULT_SOURCE)
-    ap.add_argument("--store", default=DEFAULT_STORE)
-    ap.add_argument("--preset", default="cpu", choices=["smoke", "cpu", "paper"])
-    ap.add_argument("--models", nargs="*", default=None)
-    ap.add_argument("--profile", default="kaggle")
-    ap.add_argument("--max-parallel", type=int, default=None)
+    ap.add_argument("--source", default=DEFAULT_SOURCE, help="kaggle[:owner/slug], a folder, a .zip or a store prefix")
+    ap.add_argument("--store", default=DEFAULT_STORE, help="store URI: a path, file://... or gs://bucket/prefix")
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="named settings (default: cpu)")
+    ap.add_argument("--models", nargs="*", default=None, help=f"models to train (default: the preset's): {MODEL_NAMES}")
+    ap.add_argument("--overrides", type=json.loads, default=None, help='per-model settings as JSON: {"vgg16": {...}}')
+    ap.add_argument(
+        "--profile",
+        default=None,
+        help="validation profile: kaggle, shared-sample or any (default: kaggle for Kaggle sources, else any)",
+    )
+    ap.add_argument(
+        "--rank-by",
+        default="val_accuracy",
+        choices=["val_accuracy", "val_loss"],
+        help="validation metric the leaderboard ranks on (test metrics are refused)",
+    )
+    ap.add_argument("--max-parallel", type=int, default=None, help="models trained at once (default: the preset's)")
+    ap.add_argument(
+        "--train-deployment",
+        default=None,
+        help="train each model as a run of this deployment, e.g. train-model/vertex-tpu",
+    )
+    ap.add_argument("--dask-address", default=None, help="train on this Dask scheduler (prefect-dask)")
+    ap.add_argument(
+        "--int8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also publish int8-weight Core ML packages (default: the preset's)",
+    )
+    ap.add_argument(
+        "--champion-margin",
+        type=float,
+        default=0.0,
+        help="test accuracy the challenger must beat the champion by, on the same images",
+    )
+    ap.add_argument(
+        "--covid-sensitivity-floor", type=float, default=0.85, help="lowest test COVID sensitivity a champion may have"
+    )
+    ap.add_argument(
+        "--split",
+        default=None,
+        help="train,val,test ratios (default: the preset's; the paper's exact 80/20 is 0.8,0.2,0 and cannot promote)",
+    )
+    ap.add_argument("--seed", type=int, default=42, help="split seed")
+    ap.add_argument("--image-size", type=int, default=299, help="expected source image size (0: don't check)")
+    ap.add_argument(
+        "--size-mismatch",
+        default="fail",
+        choices=["warn", "fail"],
+        help="what an image of another size does to validation",
+    )
+    ap.add_argument(
+        "--near-dup-distance",
+        type=int,
+        default=4,
+        help="pHash bits within which images count as near-duplicates (kept in one split)",
+    )
+    ap.add_argument(
+        "--unreadable",
+        default="exclude",
+        choices=["exclude", "fail"],
+        help="undecodable images: leave them out (up to 1%%) or fail validation",
+    )
+    ap.add_argument(
+        "--max-group-share",
+        type=float,
+        default=SplitConfig.max_group_share,
+        help="largest near-duplicate group, as a share of the images, before it is regrouped tighter",
+    )
+    ap.add_argument(
+        "--kaggle-secret-block",
+        default=DEFAULT_SECRET_BLOCK,
+        help="Prefect Secret block of Kaggle credentials ('' for none)",
+    )
+    ap.add_argument("--model-timeout-s", type=float, default=None, help="deadline of each model's training")
+    ap.add_argument(
+        "--pickup-timeout-s",
+        type=float,
+        default=600,
+        help="with --train-deployment: how long a child run may wait for a worker",
+    )
     a = ap.parse_args(argv)
     out = retrain(
-        source=a.source, store=a.store, preset=a.preset, models=a.models, profile=a.profile, max_parallel=a.max_parallel
+        source=a.source,
+        store=a.store,
+        preset=a.preset,
+        models=a.models,
+        overrides=a.overrides,
+        profile=a.profile,
+        rank_by=a.rank_by,
+        max_parallel=a.max_parallel,
+        train_deployment=a.train_deployment,
+        dask_address=a.dask_address,
+        int8=a.int8,
+        champion_margin=a.champion_margin,
+        covid_sensitivity_floor=a.covid_sensitivity_floor,
+        split=tuple(float(x) for x in a.split.split(",")) if a.split else None,
+        seed=a.seed,
+        image_size=a.image_size or None,
+        size_mismatch=a.size_mismatch,
+        near_dup_distance=a.near_dup_distance,
+        unreadable=a.unreadable,
+        max_group_share=a.max_group_share,
+        kaggle_secret_block=a.kaggle_secret_block or None,
+        model_timeout_s=a.model_timeout_s,
+        pickup_timeout_s=a.pickup_timeout_s,
     )
     print(json.dumps({k: out[k] for k in ("run_id", "run", "champion")}, indent=2, default=str))
 

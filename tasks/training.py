@@ -2,28 +2,63 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from covid_models.publish import export_model
 from covid_models.runner import train_in_subprocess
 from covid_models.train import TrainConfig
 
 _EPOCH = re.compile(r"epoch (\d+)/(\d+) done")
 
 
+class _Progress:
+    """A progress artifact whose API calls may fail without failing the training (it is only a
+    display): a failure is logged once, and later updates still try."""
+
+    def __init__(self, model: str, logger: logging.LoggerAdapter | logging.Logger):
+        self.model, self.logger = model, logger
+        self.artifact_id: Any = None
+        self.failed = False
+
+    def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as e:
+            if not self.failed:
+                self.logger.warning(
+                    "progress artifact of %s: %s failed (%s: %s); training goes on",
+                    self.model,
+                    what,
+                    type(e).__name__,
+                    e,
+                )
+            self.failed = True
+            return None
+
+    def start(self) -> None:
+        self.artifact_id = self._call(
+            "create", lambda: create_progress_artifact(0.0, description=f"training {self.model}")
+        )
+
+    def update(self, percent: float) -> None:
+        if self.artifact_id is None:
+            self.start()  # its creation failed: try again, so the bar can still appear
+        if self.artifact_id is not None:
+            self._call("update", lambda: update_progress_artifact(self.artifact_id, percent))
+
+
 @task(name="train-model", task_run_name="train-{config[model]}")
-def train_model(config: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
+def train_model(config: dict[str, Any], threads: int | None = None, timeout: float | None = None) -> dict[str, Any]:
     """Train one model in its own process; Keras' per-epoch lines go to the task log, and the
-    epochs done to a progress artifact."""
+    epochs done to a progress artifact. ``timeout`` (seconds) kills the training when it runs longer."""
     logger = get_run_logger()
     cfg = TrainConfig(**config)
-    progress = create_progress_artifact(0.0, description=f"training {cfg.model}")
+    progress = _Progress(cfg.model, logger)
     total_epochs = max(1, cfg.epochs + cfg.fine_tune_epochs)
     done = {"epochs": 0}
 
@@ -33,34 +68,9 @@ def train_model(config: dict[str, Any], threads: int | None = None) -> dict[str,
         logger.log(logging.WARNING if "Error" in line else logging.INFO, "%s", line)
         if _EPOCH.search(line):
             done["epochs"] += 1
-            update_progress_artifact(progress, min(99.0, 100.0 * done["epochs"] / total_epochs))
+            progress.update(min(99.0, 100.0 * done["epochs"] / total_epochs))
 
-    result = train_in_subprocess(cfg, threads=threads, on_line=on_line)
-    update_progress_artifact(progress, 100.0)
+    progress.start()
+    result = train_in_subprocess(cfg, threads=threads, on_line=on_line, timeout=timeout)
+    progress.update(100.0)
     return result.to_dict()
-
-
-@task(name="export-model", task_run_name="export-{record[model]}")
-def export_top_model(
-    record: dict[str, Any],
-    store: str,
-    prefix: str,
-    split_uri: str,
-    version: str,
-    int8: bool = True,
-    max_per_class: int | None = None,
-) -> dict[str, Any]:
-    """Core ML and TFLite exports of one top model, checked, under ``prefix`` in the store."""
-    metrics = {k: record[k] for k in ("val_accuracy", "test_accuracy", "test_macro_f1", "test_covid_sensitivity")}
-    res = export_model(
-        record["out"],
-        store,
-        prefix,
-        split_uri=split_uri,
-        version=version,
-        metrics={k: v for k, v in metrics.items() if v is not None},
-        int8=int8,
-        max_per_class=max_per_class,
-    )
-    get_run_logger().info("exports of %s: %s", record["model"], json.dumps(res.to_dict()["checks"], default=str))
-    return res.to_dict()

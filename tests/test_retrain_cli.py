@@ -1,0 +1,45 @@
+"""`python -m flows.retrain` exposes every flow parameter, and the flow's shape is the pipeline."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import flows.retrain as module
+from flows.retrain import default_profile, retrain
+
+
+def test_every_retrain_parameter_is_a_cli_option(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(module, "retrain", _Recorder(seen))
+    module.main(
+        ["--preset", "smoke", "--split", "0.8,0.2,0", "--overrides", '{"vgg16": {"epochs": 2}}', "--no-int8"]
+        + ["--kaggle-secret-block", ""]
+    )
+    params = set(inspect.signature(retrain.fn).parameters)
+    assert set(seen) == params, f"not on the CLI: {params - set(seen)}"
+    assert seen["split"] == (0.8, 0.2, 0.0) and seen["overrides"] == {"vgg16": {"epochs": 2}}
+    assert seen["int8"] is False and seen["kaggle_secret_block"] is None
+
+
+def test_profile_defaults_follow_the_source():
+    assert default_profile("kaggle") == "kaggle" and default_profile("kaggle:owner/slug") == "kaggle"
+    assert default_profile("../some/folder") == "any" and default_profile("gs://bucket/x") == "any"
+
+
+def test_retrain_refuses_ranking_on_test(capsys):
+    with pytest.raises(SystemExit):
+        module.main(["--rank-by", "test_accuracy"])
+    assert "invalid choice: 'test_accuracy'" in capsys.readouterr().err
+
+
+class _Recorder:
+    description = retrain.description
+
+    def __init__(self, seen: dict):
+        self.seen = seen
+
+    def __call__(self, **kw):
+        self.seen.update(kw)
+        return {"run_id": "", "run": "", "champion": None}
