@@ -83,16 +83,9 @@ def prepare_data(
     }
 
 
-def main(argv: list[str] | None = None) -> None:
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The data settings as CLI options (shared with ``python -m flows.retrain``)."""
     d = SplitConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m flows.prepare_data",
-        description=prepare_data.description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--source", default=DEFAULT_SOURCE, help="kaggle[:owner/slug], a folder, a .zip or a store prefix")
-    p.add_argument("--store", default=DEFAULT_STORE, help="store URI: a path, file://... or gs://bucket/prefix")
-    p.add_argument("--profile", default="kaggle", help="validation profile: kaggle, shared-sample or any")
     p.add_argument("--image-size", type=int, default=299, help="expected width and height in pixels (0: don't check)")
     p.add_argument(
         "--size-mismatch", choices=["warn", "fail"], default="fail", help="what an image of another size does"
@@ -102,11 +95,6 @@ def main(argv: list[str] | None = None) -> None:
         choices=["exclude", "fail"],
         default="exclude",
         help="undecodable files: leave them out (up to 1%%) or fail validation",
-    )
-    p.add_argument(
-        "--split",
-        default=f"{d.train},{d.val},{d.test}",
-        help="train,val,test ratios, summing to 1 (the paper: 0.8,0.2,0)",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the split")
     p.add_argument(
@@ -120,33 +108,58 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=d.max_group_share,
         help="a near-duplicate group larger than this share of the images (and over 20 images) is a pHash chain "
-        "and is split back into exact copies (1: no bound)",
-    )
-    p.add_argument(
-        "--cache-dir", default=None, help="download/unpack cache (unset: $COVID_CACHE_DIR or ~/.cache/covid-xray)"
+        "and is regrouped at tighter distances (1: no bound)",
     )
     p.add_argument(
         "--kaggle-secret-block",
         default=DEFAULT_SECRET_BLOCK,
         help="Prefect Secret block with Kaggle credentials, used when the client finds none ('': never)",
     )
+
+
+def data_settings(a: argparse.Namespace) -> dict[str, Any]:
+    """The parsed data options of :func:`add_data_arguments`, as flow parameters."""
+    return {
+        "image_size": a.image_size or None,
+        "size_mismatch": a.size_mismatch,
+        "unreadable": a.unreadable,
+        "seed": a.seed,
+        "near_dup_distance": a.near_dup_distance,
+        "max_group_share": a.max_group_share,
+        "kaggle_secret_block": a.kaggle_secret_block or None,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    d = SplitConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m flows.prepare_data",
+        description=prepare_data.description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--source", default=DEFAULT_SOURCE, help="kaggle[:owner/slug], a folder, a .zip or a store prefix")
+    p.add_argument("--store", default=DEFAULT_STORE, help="store URI: a path, file://... or gs://bucket/prefix")
+    p.add_argument("--profile", default="kaggle", help="validation profile: kaggle, shared-sample or any")
+    p.add_argument(
+        "--split",
+        default=f"{d.train},{d.val},{d.test}",
+        help="train,val,test ratios, summing to 1 (the paper: 0.8,0.2,0)",
+    )
+    p.add_argument(
+        "--cache-dir", default=None, help="download/unpack cache (unset: $COVID_CACHE_DIR or ~/.cache/covid-xray)"
+    )
+    add_data_arguments(p)
     a = p.parse_args(argv)
     train, val, test = (float(x) for x in a.split.split(","))
     result = prepare_data(
         source=a.source,
         store=a.store,
         profile=a.profile,
-        image_size=a.image_size or None,
-        size_mismatch=a.size_mismatch,
-        unreadable=a.unreadable,
         train=train,
         val=val,
         test=test,
-        seed=a.seed,
-        near_dup_distance=a.near_dup_distance,
-        max_group_share=a.max_group_share,
         cache_dir=a.cache_dir,
-        kaggle_secret_block=a.kaggle_secret_block or None,
+        **data_settings(a),
     )
     print(json.dumps(result, indent=2))
 

@@ -18,7 +18,7 @@ from covid_data.split import SplitConfig
 from covid_data.store import open_store
 from covid_models.builders import MODEL_NAMES
 from covid_models.presets import PRESETS, get_preset
-from flows.prepare_data import DEFAULT_SOURCE, DEFAULT_STORE, prepare_data
+from flows.prepare_data import DEFAULT_SOURCE, DEFAULT_STORE, add_data_arguments, data_settings, prepare_data
 from tasks.credentials import DEFAULT_SECRET_BLOCK
 from tasks.fanout import train_models
 from tasks.locks import store_run_lock
@@ -265,37 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="train,val,test ratios (default: the preset's; the paper's exact 80/20 is 0.8,0.2,0 and cannot promote)",
     )
-    ap.add_argument("--seed", type=int, default=42, help="split seed")
-    ap.add_argument("--image-size", type=int, default=299, help="expected source image size (0: don't check)")
-    ap.add_argument(
-        "--size-mismatch",
-        default="fail",
-        choices=["warn", "fail"],
-        help="what an image of another size does to validation",
-    )
-    ap.add_argument(
-        "--near-dup-distance",
-        type=int,
-        default=4,
-        help="pHash bits within which images count as near-duplicates (kept in one split)",
-    )
-    ap.add_argument(
-        "--unreadable",
-        default="exclude",
-        choices=["exclude", "fail"],
-        help="undecodable images: leave them out (up to 1%%) or fail validation",
-    )
-    ap.add_argument(
-        "--max-group-share",
-        type=float,
-        default=SplitConfig.max_group_share,
-        help="largest near-duplicate group, as a share of the images, before it is regrouped tighter",
-    )
-    ap.add_argument(
-        "--kaggle-secret-block",
-        default=DEFAULT_SECRET_BLOCK,
-        help="Prefect Secret block of Kaggle credentials ('' for none)",
-    )
+    add_data_arguments(ap)
     ap.add_argument("--model-timeout-s", type=float, default=None, help="deadline of each model's training")
     ap.add_argument(
         "--pickup-timeout-s",
@@ -319,13 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         champion_margin=a.champion_margin,
         covid_sensitivity_floor=a.covid_sensitivity_floor,
         split=tuple(float(x) for x in a.split.split(",")) if a.split else None,
-        seed=a.seed,
-        image_size=a.image_size or None,
-        size_mismatch=a.size_mismatch,
-        near_dup_distance=a.near_dup_distance,
-        unreadable=a.unreadable,
-        max_group_share=a.max_group_share,
-        kaggle_secret_block=a.kaggle_secret_block or None,
+        **data_settings(a),
         model_timeout_s=a.model_timeout_s,
         pickup_timeout_s=a.pickup_timeout_s,
     )
