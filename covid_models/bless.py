@@ -13,10 +13,12 @@ compared image by image. The rules, in order (each decision carries a reason and
 5. a candidate that already is the champion is kept (``already_champion``: a rerun after a crash);
 6. with no champion, the challenger is blessed (``first_champion``);
 7. otherwise the challenger must beat the re-scored champion on the same images by more than the
-   margin (``beats_champion`` / ``does_not_beat``). A champion whose stored model or split cannot
-   be read is never replaced silently (``champion_unreadable``; ``challenger_unreadable`` when it is
-   the challenger's model or split that fails), and a comparison with no images
-   left after excluding the champion's training images promotes nothing (``no_common_images``).
+   margin (``beats_champion`` / ``does_not_beat``); with ``require_significance`` McNemar's exact
+   test on the discordant images must also give p < ``alpha`` (``not_significant``). A champion
+   whose stored model or split cannot be read is never replaced silently
+   (``champion_unreadable``; ``challenger_unreadable`` when it is the challenger's model or split
+   that fails), and a comparison with no images left after excluding the champion's training
+   images promotes nothing (``no_common_images``).
 """
 
 from __future__ import annotations
@@ -181,6 +183,16 @@ def candidate_record(
     }
 
 
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pairs: images only model A got right and
+    images only model B got right (a binomial test of ``only_a`` in ``only_a + only_b`` at 1/2)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
 @dataclass
 class Comparison:
     """Challenger and champion scored on exactly the same test images."""
@@ -214,7 +226,13 @@ class Comparison:
             # The discordant pairs are all McNemar's test needs.
             "only_challenger_right": int((a & ~b).sum()),
             "only_champion_right": int((~a & b).sum()),
+            "mcnemar_p": self.mcnemar_p,
         }
+
+    @property
+    def mcnemar_p(self) -> float:
+        a, b = np.asarray(self.challenger_correct, bool), np.asarray(self.champion_correct, bool)
+        return mcnemar_exact(int((a & ~b).sum()), int((~a & b).sum()))
 
 
 @dataclass
@@ -305,6 +323,8 @@ def bless(
     margin: float,
     covid_sensitivity_floor: float,
     cache_dir: str | Path | None = None,
+    require_significance: bool = False,
+    alpha: float = 0.05,
 ) -> Blessing:
     """Decide whether ``challenger`` may replace ``champion`` (see the module docstring)."""
     if not run_succeeded:
@@ -380,6 +400,17 @@ def bless(
         )
     ca, pa = cmp.challenger["accuracy"], cmp.champion["accuracy"]
     where = f"on the same {cmp.n} test images ({cmp.excluded} excluded: in the champion's training split)"
+    p = cmp.mcnemar_p
+    where += f"; McNemar's exact test p = {p:.3g}"
+    if ca > pa + margin and require_significance and not p < alpha:
+        return Blessing(
+            False,
+            f"test accuracy {_fmt(ca)} beats the champion {_describe(champion)}'s {_fmt(pa)} {where}, but the "
+            f"difference is not significant (p ≥ {alpha}) and significance is required",
+            "not_significant",
+            champion,
+            cmp,
+        )
     if ca > pa + margin:  # beating means strictly better, by the margin
         return Blessing(
             True,

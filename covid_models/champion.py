@@ -303,6 +303,7 @@ def evaluate_and_promote(
     margin: float,
     covid_sensitivity_floor: float,
     cache_dir: str | Path | None = None,
+    require_significance: bool = False,
 ) -> dict[str, Any]:
     """Read the champion (and its version), bless the candidate against it, decide and swap.
 
@@ -318,6 +319,7 @@ def evaluate_and_promote(
         margin=margin,
         covid_sensitivity_floor=covid_sensitivity_floor,
         cache_dir=cache_dir,
+        require_significance=require_significance,
     )
     return {**decide_and_promote(store, candidate, blessing, token=token), "blessing": blessing.to_dict()}
 

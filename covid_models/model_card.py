@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from covid_models.builders import is_transfer
+from covid_models.evaluate import wilson_interval
 from covid_models.export import DISCLAIMER
 
 
@@ -70,6 +71,7 @@ def model_card(
             f"| {split} (n={m['n']}) | {pct(m['accuracy'])} | {m['macro_f1']:.3f} | {pct(m['covid_sensitivity'])} "
             f"({pct(s_lo)}-{pct(s_hi)}) | {pct(m['covid_specificity'])} ({pct(p_lo)}-{pct(p_hi)}) | {m['ece']:.3f} |"
         )
+    lines += resolution_lines(metrics.get("test"))
     lines += [
         "",
         "## Limits",
@@ -88,3 +90,21 @@ def model_card(
         "(2021) 104319.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def resolution_lines(test: dict[str, Any] | None) -> list[str]:
+    """What the test set can resolve: its size, the accuracy's 95% interval, and what that means
+    for comparing two models."""
+    if not test:
+        return ["", "## What the test set can tell", "This model has no test split: its figures are validation only."]
+    n, acc = int(test["n"]), float(test["accuracy"])
+    lo, hi = wilson_interval(round(acc * n), n)
+    return [
+        "",
+        "## What the test set can tell",
+        f"The test split has {n} images. Accuracy {100 * acc:.1f}% has a 95% Wilson interval of "
+        f"{100 * lo:.1f}-{100 * hi:.1f}% (about ±{50 * (hi - lo):.1f} points): a difference of that order between two "
+        "models, each scored on its own test set, is not resolved. A challenger is compared with the champion on "
+        "the same images instead, and McNemar's exact test on the images only one of them gets right says whether "
+        "the difference is significant.",
+    ]

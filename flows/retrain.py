@@ -62,6 +62,7 @@ def retrain(
     int8: bool | None = None,
     champion_margin: float = 0.0,
     covid_sensitivity_floor: float = 0.85,
+    require_significance: bool = False,
     split: tuple[float, float, float] | None = None,
     seed: int = 42,
     image_size: int | None = 299,
@@ -108,7 +109,12 @@ def retrain(
         candidate = _candidate(top[0], run_id, data, p) if top else None
         trained_all = all(r["status"] in ("trained", "cached") for r in records)
         blessing = bless_challenger(
-            candidate, store, training_succeeded=trained_all, margin=champion_margin, floor=covid_sensitivity_floor
+            candidate,
+            store,
+            training_succeeded=trained_all,
+            margin=champion_margin,
+            floor=covid_sensitivity_floor,
+            require_significance=require_significance,
         )
         clock.lap("bless")
         exports = _export_all(top, data["split"], p.int8 if int8 is None else int8, p.max_per_class)
@@ -261,6 +267,11 @@ def main(argv: list[str] | None = None) -> None:
         "--covid-sensitivity-floor", type=float, default=0.85, help="lowest test COVID sensitivity a champion may have"
     )
     ap.add_argument(
+        "--require-significance",
+        action="store_true",
+        help="promotion also needs McNemar's exact test against the champion at p < 0.05",
+    )
+    ap.add_argument(
         "--split",
         default=None,
         help="train,val,test ratios (default: the preset's; the paper's exact 80/20 is 0.8,0.2,0 and cannot promote)",
@@ -288,6 +299,7 @@ def main(argv: list[str] | None = None) -> None:
         int8=a.int8,
         champion_margin=a.champion_margin,
         covid_sensitivity_floor=a.covid_sensitivity_floor,
+        require_significance=a.require_significance,
         split=tuple(float(x) for x in a.split.split(",")) if a.split else None,
         **data_settings(a),
         model_timeout_s=a.model_timeout_s,

@@ -30,6 +30,7 @@ def bless_challenger(
     training_succeeded: bool,
     margin: float,
     floor: float,
+    require_significance: bool = False,
 ) -> dict[str, Any] | None:
     """Score the current champion's stored model on the challenger's test split and decide,
     on the same images, whether the challenger earns promotion (TFX's Evaluator)."""
@@ -43,6 +44,7 @@ def bless_challenger(
             run_succeeded=training_succeeded,
             margin=margin,
             covid_sensitivity_floor=floor,
+            require_significance=require_significance,
         )
     )
     get_run_logger().info("bless: %s", blessing["reason"])

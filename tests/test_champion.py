@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from covid_data.store import open_store, split_object_uri
-from covid_models.bless import bless, candidate_record, score_model, split_sha256
+from covid_models.bless import bless, candidate_record, mcnemar_exact, score_model, split_sha256
 from covid_models.champion import (
     CHAMPION,
     ChampionError,
@@ -153,6 +153,33 @@ def test_promotion_needs_more_than_the_margin_on_the_same_images(world):
     assert not tie.blessed and tie.rule == "does_not_beat"
     assert tie.comparison.challenger["accuracy"] == tie.comparison.champion["accuracy"]
     assert tie.comparison.excluded == 0  # its own split: test never overlaps train
+
+
+def test_mcnemar_exact_against_hand_computed_values():
+    # 10 images only the challenger got right, 2 only the champion: n = 12, two-sided
+    # p = 2 * (C(12,0) + C(12,1) + C(12,2)) / 2^12 = 2 * 79 / 4096.
+    assert mcnemar_exact(10, 2) == pytest.approx(158 / 4096)
+    assert mcnemar_exact(2, 10) == mcnemar_exact(10, 2)  # symmetric
+    assert mcnemar_exact(5, 5) == 1.0 and mcnemar_exact(0, 0) == 1.0  # capped at 1; no discordance
+    assert mcnemar_exact(6, 0) == pytest.approx(2 / 64)  # 0.03125: six to none is just significant
+
+
+def test_require_significance_needs_mcnemar_p_below_alpha(world):
+    champ = candidate_record("run-a", world.champ)
+    chal = candidate_record("run-b", world.chal)
+    free = bless(chal, champ, **{**RULES, "margin": -1.0}, cache_dir=world.cache)
+    p = free.comparison.mcnemar_p
+    summary = free.comparison.summary()
+    assert p == mcnemar_exact(summary["only_challenger_right"], summary["only_champion_right"])
+    assert summary["mcnemar_p"] == p and "McNemar" in free.reason
+    strict = bless(
+        chal, champ, **{**RULES, "margin": -1.0}, cache_dir=world.cache, require_significance=True, alpha=p
+    )  # p < alpha fails when alpha == p
+    assert free.blessed and not strict.blessed and strict.rule == "not_significant"
+    loose = bless(
+        chal, champ, **{**RULES, "margin": -1.0}, cache_dir=world.cache, require_significance=True, alpha=p + 1e-9
+    )
+    assert loose.blessed
 
 
 def test_a_capped_run_never_promotes_even_on_an_empty_store(world, tmp_path):
