@@ -54,6 +54,11 @@ def write_run_folder(
     unit.put_text("leaderboard.csv", pd.DataFrame(board_rows).to_csv(index=False))
     unit.put_text("leaderboard.md", board_markdown)
     published: dict[str, str] = {}
+    card_data = {  # prepare-data's record, in the model card's terms
+        "version": dataset.get("dataset_version"),
+        "split_hash": dataset.get("split_hash"),
+        "counts": dataset.get("split_counts"),
+    }
     for r in records:
         if r.get("status") not in ("trained", "cached"):
             continue
@@ -68,7 +73,7 @@ def write_run_folder(
             keys = src.list(prefix)
             _copy_objects(src, keys, unit, lambda k, m=e["model"], v=variant: f"exports/{m}/{k.split('/', 2)[2]}")
         stored = json.loads(src.read_text("metrics.json"))
-        card = model_card(e["model"], stored["metrics"], stored["config"], dataset, stored.get("weights"))
+        card = model_card(e["model"], stored["metrics"], stored["config"], card_data, stored.get("weights"))
         unit.put_text(f"model_cards/{e['model']}.md", card)
     if blessing is not None:
         unit.put_text("bless.json", json.dumps(blessing, indent=2, default=str))

@@ -29,6 +29,7 @@ def test_smoke_retrain_ranks_survives_a_failed_model_and_reuses(prefect_server, 
     out = retrain(source=str(source), store=store, preset="smoke", profile="any", models=models)
     s = open_store(store)
     run = f"runs/{out['run_id']}"
+    out_data = json.loads(s.read_text(f"{run}/run.json"))["dataset"]
     board = pd.read_csv(s.local_path(f"{run}/leaderboard.csv"))
     assert list(board["model"][3:]) == ["inception_v3"]
     assert list(board["status"]) == ["trained"] * 3 + ["failed"]
@@ -46,6 +47,7 @@ def test_smoke_retrain_ranks_survives_a_failed_model_and_reuses(prefect_server, 
         assert s.exists(f"{run}/exports/{e['model']}/{e['model']}.tflite")
         card = s.read_text(f"{run}/model_cards/{e['model']}.md")
         assert "not a medical device" in card and "95% CI" in card and "paediatric" in card
+        assert f"dataset version `{out_data['dataset_version']}`" in card and "The test split has" in card
     for m in top:
         assert s.exists(f"{run}/models/{m}/model.keras") and s.exists(f"{run}/models/{m}/curves.png")
     run_json = json.loads(s.read_text(f"{run}/run.json"))  # the marker, written last
