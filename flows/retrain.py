@@ -16,6 +16,7 @@ from prefect import flow, get_run_logger, runtime
 
 from covid_data.split import SplitConfig
 from covid_data.store import open_store
+from covid_models.bless import candidate_record
 from covid_models.builders import MODEL_NAMES
 from covid_models.presets import PRESETS, get_preset
 from flows.prepare_data import DEFAULT_SOURCE, DEFAULT_STORE, add_data_arguments, data_settings, prepare_data
@@ -106,7 +107,8 @@ def retrain(
         clock.lap("train")
         board = rank_models(records, rank_by, run_id)
         top = _top_models(board["rows"], records, min(TOP_N, len(configs)))
-        candidate = _candidate(top[0], run_id, data, p) if top else None
+        # The challenger as the champion registry records it, read from its model slot.
+        candidate = candidate_record(run_id, top[0]["out"], preset=p.name) if top else None
         trained_all = all(r["status"] in ("trained", "cached") for r in records)
         blessing = bless_challenger(
             candidate,
@@ -208,22 +210,6 @@ def _top_models(rows: list[dict], records: list[dict], n: int) -> list[dict[str,
     by_model = {r["model"]: r for r in records}
     ok = [by_model[r["model"]] for r in rows if r["status"] in ("trained", "cached")]
     return ok[:n]
-
-
-def _candidate(record: dict[str, Any], run_id: str, data: dict[str, Any], preset) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "model": record["model"],
-        "model_uri": record["out"],
-        "split_uri": data["split"],
-        "split_hash": data["split_hash"],
-        "dataset_version": data["dataset_version"],
-        "max_per_class": preset.max_per_class,
-        "preset": preset.name,
-        "val_accuracy": record.get("val_accuracy"),
-        "test_accuracy": record.get("test_accuracy"),
-        "test_covid_sensitivity": record.get("test_covid_sensitivity"),
-    }
 
 
 def main(argv: list[str] | None = None) -> None:

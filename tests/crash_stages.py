@@ -74,23 +74,6 @@ def _exports(records: list[dict], data: dict) -> list[dict]:
     return out
 
 
-def _candidate(records: list[dict], data: dict, run_id: str) -> dict:
-    top = records[0]
-    return {
-        "run_id": run_id,
-        "model": top["model"],
-        "model_uri": top["out"],
-        "split_uri": data["split"],
-        "split_hash": data["split_hash"],
-        "dataset_version": data["dataset_version"],
-        "max_per_class": None,
-        "preset": "crash-test",
-        "val_accuracy": top["val_accuracy"],
-        "test_accuracy": top["test_accuracy"],
-        "test_covid_sensitivity": top["test_covid_sensitivity"],
-    }
-
-
 def run_stage(stage: str, source: str, store_uri: str, run_id: str) -> None:
     from covid_data.store import open_store
 
@@ -116,13 +99,13 @@ def run_stage(stage: str, source: str, store_uri: str, run_id: str) -> None:
     if stage == "export":
         return
     from covid_models import champion as registry
-    from covid_models.bless import bless
+    from covid_models.bless import bless, candidate_record
     from covid_models.leaderboard import leaderboard, to_markdown
     from covid_models.run_folder import complete_run, report_markdown, run_unit, write_run_folder
 
     board = leaderboard(records)
     rows = board.astype(object).where(board.notna(), None).to_dict("records")
-    candidate = _candidate(records, data, run_id)
+    candidate = candidate_record(run_id, records[0]["out"], preset="crash-test")
     store = open_store(store_uri)
     if stage == "publish":
         write_run_folder(

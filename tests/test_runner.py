@@ -130,9 +130,8 @@ def test_keyboard_interrupt_in_the_caller_kills_the_child(small_split, tmp_path)
     assert not _alive(pids[0])
 
 
-def test_an_exception_raised_into_the_calling_thread_kills_the_child(small_split, tmp_path):
-    """How Prefect cancels and times out a sync task: an exception raised asynchronously in its thread."""
-    cfg = _cfg(small_split, tmp_path, epochs=100_000)
+def _training_in_a_thread(cfg) -> tuple[threading.Thread, dict[str, BaseException], int]:
+    """A long training started from another thread: (that thread, where its exception lands, child pid)."""
     outcome: dict[str, BaseException] = {}
 
     def call() -> None:
@@ -144,6 +143,12 @@ def test_an_exception_raised_into_the_calling_thread_kills_the_child(small_split
     caller = threading.Thread(target=call)
     caller.start()
     (pid,) = _wait_for(lambda: _trainings(os.getpid()), 30, "training process")
+    return caller, outcome, pid
+
+
+def test_an_exception_raised_into_the_calling_thread_kills_the_child(small_split, tmp_path):
+    """How Prefect cancels and times out a sync task: an exception raised asynchronously in its thread."""
+    caller, outcome, pid = _training_in_a_thread(_cfg(small_split, tmp_path, epochs=100_000))
     assert ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(caller.ident), ctypes.py_object(RuntimeError))
     caller.join(20)
     assert not caller.is_alive()
@@ -152,18 +157,7 @@ def test_an_exception_raised_into_the_calling_thread_kills_the_child(small_split
 
 
 def test_kill_all_trainings_ends_waiting_callers(small_split, tmp_path):
-    cfg = _cfg(small_split, tmp_path, epochs=100_000)
-    outcome: dict[str, BaseException] = {}
-
-    def call() -> None:
-        try:
-            train_in_subprocess(cfg, threads=1, timeout=300)
-        except BaseException as e:
-            outcome["error"] = e
-
-    caller = threading.Thread(target=call)
-    caller.start()
-    (pid,) = _wait_for(lambda: _trainings(os.getpid()), 30, "training process")
+    caller, outcome, pid = _training_in_a_thread(_cfg(small_split, tmp_path, epochs=100_000))
     assert kill_all_trainings() == 1
     caller.join(20)
     assert isinstance(outcome["error"], TrainingFailed) and "killed by signal" in str(outcome["error"])
