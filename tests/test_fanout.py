@@ -369,11 +369,15 @@ def test_a_terminated_flow_kills_its_trainings(prefect_server, small_split, tmp_
     (tmp_path / "configs.json").write_text(json.dumps(configs))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     cmd = [sys.executable, "-c", _ENDLESS_FLOW, str(tmp_path / "configs.json")]
-    flow_proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(tmp_path / "flow.log", "wb")  # noqa: SIM115 (the child keeps its own copy of the fd)
+    flow_proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         pids = _wait(lambda: len(p := _trainings(flow_proc.pid)) == 2 and p, 120, "two trainings")
         flow_proc.send_signal(signal.SIGTERM)
-        flow_proc.wait(60)
+        try:
+            flow_proc.wait(120)  # two trainings hold both cores until the handler kills them
+        except subprocess.TimeoutExpired:
+            pytest.fail("the flow process outlived SIGTERM by 120 s:\n" + (tmp_path / "flow.log").read_text()[-4000:])
         _wait(lambda: not any(_alive(p) for p in pids), 10, "trainings ended")
     finally:
         flow_proc.kill()
