@@ -15,7 +15,7 @@ PRESET ?= cpu
 # ImageNet weights: the shared folder where it exists, else Keras' own cache (~/.keras/models).
 export COVID_WEIGHTS_DIR ?= $(if $(wildcard ../shared/weights),$(abspath ../shared/weights),)
 
-.PHONY: install run prepare test lint bench-ingest clean
+.PHONY: install run prepare test lint bench-ingest clean app app-build browser bench-app
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,22 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: $(STAMP)
+# The phone app's scripts (app/dist), built with npm when Node.js is there; without it `make run`
+# still runs and says the app bundle was skipped.
+app-build:
+	@if command -v npm >/dev/null 2>&1; then \
+		(cd app && { test -d node_modules || npm ci --no-audit --no-fund; } && npm run build --silent); \
+	else echo "make: no Node.js/npm: the phone app bundle will be skipped (install Node.js 18+ with npm, e.g. apt-get install nodejs npm)"; fi
+
+# Serve the champion's app bundle on http://127.0.0.1:8000 (RUN=<run id> for another run).
+app: $(STAMP) app-build
+	$(PY) -m covid_app.serve --store $(COVID_STORE) $(if $(RUN),--run $(RUN),) --port $(or $(PORT),8000)
+
+# Debian's Chromium for the browser tests (as root; CI runs as root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+
+run: $(STAMP) app-build
 	$(PY) -m flows.retrain --preset $(PRESET) --source $(COVID_DATA_SOURCE) --store $(COVID_STORE) --profile $(PROFILE)
 
 prepare: $(STAMP)
@@ -35,11 +50,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: $(STAMP) lint
+test: $(STAMP) lint app-build browser
 	$(PY) -m pytest -ra
 
 bench-ingest: $(STAMP)
 	$(PY) benchmarks/ingest.py
 
+bench-app: $(STAMP) app-build browser
+	$(PY) benchmarks/app.py
+
 clean:
-	rm -rf $(VENV) .store .pytest_cache .ruff_cache
+	rm -rf $(VENV) .store .pytest_cache .ruff_cache app/node_modules app/dist

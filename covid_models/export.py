@@ -266,14 +266,19 @@ def coreml_parity(package: Path, keras_model, images: np.ndarray) -> float:
 
 
 def export_tflite(keras_model, out: Path) -> ExportRecord:
-    """A float32 TFLite flatbuffer of the whole model (preprocessing included).
+    """A float32 TFLite flatbuffer of the whole model (preprocessing included), input ``[1, H, W, C]``.
 
-    The converter's output (hundreds of ``TensorSpec`` lines, absl logs) goes to ``<out>.log``.
+    The batch dimension is fixed at 1: LiteRT.js (the phone app's runtime) refuses a
+    ``[1, H, W, C]`` tensor for a model whose input is ``[-1, H, W, C]``. The converter's output
+    (hundreds of ``TensorSpec`` lines, absl logs) goes to ``<out>.log``.
     """
+    import keras
     import tensorflow as tf
 
+    inp = keras.Input(shape=tuple(keras_model.input_shape[1:]), batch_size=1, name="image")
+    fixed = keras.Model(inp, keras_model(inp), name=keras_model.name)
     with converter_output(_log_beside(out), "TFLite converter"):
-        converter = tf.lite.TFLiteConverter.from_keras_model(keras_model)
+        converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
         flatbuffer = converter.convert()
     out.write_bytes(flatbuffer)
     return ExportRecord("tflite", str(out), out.stat().st_size, "float32")
@@ -286,7 +291,6 @@ def tflite_parity(tflite_path: Path, keras_model, images: np.ndarray) -> float:
     interpreter = tf.lite.Interpreter(model_path=str(tflite_path))
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
-    interpreter.resize_tensor_input(inp["index"], [1, *images.shape[1:]])
     interpreter.allocate_tensors()
     ref = keras_model.predict(images, verbose=0)
     worst = 0.0

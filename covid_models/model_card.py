@@ -8,6 +8,19 @@ from covid_models.builders import is_transfer
 from covid_models.evaluate import wilson_interval
 from covid_models.export import DISCLAIMER
 
+# Known limits of the data, on every model card and in the app.
+DATA_LIMITS = [
+    "Trained and evaluated on one public collection; accuracy on other hospitals' images is unknown, and likely lower.",
+    "A model can learn acquisition artefacts (markers, devices, processing) rather than disease.",
+    "Class balance differs from any real population: predictive values in practice differ from these figures.",
+    "Much of the Viral Pneumonia class comes from a paediatric collection, while the other classes are "
+    "mostly adults: age is a shortcut a model can learn, and Viral Pneumonia accuracy may not carry over to "
+    "adults.",
+    "The data has no patient IDs: images of one patient can sit in different splits. Splits group exact and "
+    "near-duplicate images (by content hash and perceptual hash), which catches copies, not repeat studies.",
+    "Grayscale frontal views only; lateral views and other findings are out of scope.",
+]
+
 
 def describe_weights(model: str, config: dict[str, Any], weights: dict[str, Any] | None = None) -> str:
     """Starting weights and what trained, in words (e.g. "ImageNet weights (sha256 1a2b...), backbone frozen")."""
@@ -75,16 +88,7 @@ def model_card(
     lines += [
         "",
         "## Limits",
-        "- Trained and evaluated on one public collection; accuracy on other hospitals' images is unknown, "
-        "and likely lower.",
-        "- A model can learn acquisition artefacts (markers, devices, processing) rather than disease.",
-        "- Class balance differs from any real population: predictive values in practice differ from these figures.",
-        "- Much of the Viral Pneumonia class comes from a paediatric collection, while the other classes are "
-        "mostly adults: age is a shortcut a model can learn, and Viral Pneumonia accuracy may not carry over to "
-        "adults.",
-        "- The data has no patient IDs: images of one patient can sit in different splits. Splits group exact and "
-        "near-duplicate images (by content hash and perceptual hash), which catches copies, not repeat studies.",
-        "- Grayscale frontal views only; lateral views and other findings are out of scope.",
+        *(f"- {limit}" for limit in DATA_LIMITS),
         "",
         "Cite: Chowdhury et al., IEEE Access 8 (2020) 132665; Rahman et al., Computers in Biology and Medicine 132 "
         "(2021) 104319.",

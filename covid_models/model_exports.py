@@ -83,6 +83,7 @@ def _convert(variant: str, model, name: str, tmp: Path, *, version: str, metrics
         "file": file,
         "bytes": rec.bytes,
         "precision": rec.precision,
+        "input_shape": [1, *images.shape[1:]],  # fixed batch: what LiteRT.js runs
         "checks": {"max_prob_diff": diff, "images": len(images)},
     }
 

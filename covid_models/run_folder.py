@@ -133,6 +133,11 @@ def report_markdown(run: dict[str, Any], board_markdown: str) -> str:
             f"{tfl.get('checks', {}).get('max_prob_diff', float('nan')):.1e}; Core ML runtime check: "
             + str(v["coreml"]["checks"].get("runtime_max_prob_diff", v["coreml"]["checks"].get("runtime_parity"))),
         ]
+    app = run.get("app") or {}
+    if app.get("status") == "built":
+        lines += ["", f"**Phone app:** `{app['path']}` ({app['bytes'] / 1e6:.1f} MB); serve it with `make app`."]
+    elif app:
+        lines += ["", f"**Phone app:** {app['status']}: {app.get('reason')}"]
     for model, uri in run["models"].items():
         lines.append(f"- {model}: `{uri}` (curves: `{uri}/curves.png`)")
     return "\n".join(lines) + "\n"

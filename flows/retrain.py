@@ -20,6 +20,7 @@ from covid_models.bless import candidate_record
 from covid_models.builders import MODEL_NAMES
 from covid_models.presets import PRESETS, get_preset
 from flows.prepare_data import DEFAULT_SOURCE, DEFAULT_STORE, add_data_arguments, data_settings, prepare_data
+from tasks.app import build_app
 from tasks.credentials import DEFAULT_SECRET_BLOCK
 from tasks.fanout import train_models
 from tasks.locks import store_run_lock
@@ -125,6 +126,9 @@ def retrain(
         models_published = publish_run(store, run_id, data, board, records, exports, blessing)
         decision = promote_champion(store, candidate, exports, blessing, exports_ok)
         clock.lap("publish")
+        app_state = build_app(store, run_id, data, exports, p.max_per_class, return_state=True)
+        app = app_state.result() if app_state.is_completed() else {"status": "failed", "reason": app_state.message}
+        clock.lap("app")
         run = finish_run(
             store,
             run_id,
@@ -137,6 +141,7 @@ def retrain(
             blessing,
             decision,
             clock.seconds,
+            app,
         )
     if len(top) < min(TOP_N, len(configs)):
         failures = [(r["model"], str(r.get("error"))[:200]) for r in records if r["status"] == "failed"]
@@ -146,8 +151,10 @@ def retrain(
         )
     if not exports_ok:
         raise RuntimeError(f"exports failed for {sorted({r['model'] for r in top} - {e['model'] for e in exports})}")
+    if app["status"] == "failed":
+        raise RuntimeError(f"the app bundle failed: {app['reason']}")
     return {
-        **{k: run[k] for k in ("run_id", "exports", "champion", "seconds")},
+        **{k: run[k] for k in ("run_id", "exports", "champion", "seconds", "app")},
         "leaderboard": board["rows"],
         "run": open_store(store).uri_for(f"runs/{run_id}"),
     }

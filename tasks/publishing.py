@@ -108,6 +108,7 @@ def finish_run(
     blessing: dict[str, Any] | None,
     decision: dict[str, Any] | None,
     seconds: dict[str, float],
+    app: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report (file and ``retrain-report`` artifact), then ``run.json``, the run's marker."""
     ok = all(r["status"] in ("trained", "cached") for r in records)
@@ -123,6 +124,7 @@ def finish_run(
         "blessing": blessing,
         "champion": decision,
         "seconds": seconds,  # per stage, up to publishing
+        "app": app,
     }
     report = report_markdown(run, board["markdown"])
     stored = complete_run(store, run_id, run, report)

@@ -1,0 +1,254 @@
+"""The app bundle: a self-contained static web app under ``runs/<run id>/app/``.
+
+It is the built page (``app/dist``: page, scripts, service worker, LiteRT.js' WASM runtime), the
+run's top three models as fixed-batch TFLite files, the out-of-distribution guard, the model
+pages' data (``data/app.json``: metrics with confidence intervals, model cards, plots) and a
+service-worker precache list of every file, so the page works offline after one visit.
+
+The bundle is its own stored unit, completed by ``app/bundle.json``: ``retrain`` writes it before
+the run's ``run.json``; a run published where Node.js was missing gets it later from ``make app``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from covid_data.store import Store, Unit, open_store
+from covid_models.evaluate import wilson_interval
+from covid_models.export import DISCLAIMER
+from covid_models.model_card import DATA_LIMITS, describe_weights
+
+log = logging.getLogger(__name__)
+
+MARKER = "bundle.json"
+APP_SOURCE = Path(__file__).resolve().parent.parent / "app"
+MANIFEST_PLACEHOLDER = "self.__WB_MANIFEST"
+HEATMAP_GRID = 8
+PLOTS = {"confusion_test": "confusion_test.png", "confusion_val": "confusion_val.png", "curves": "curves.png"}
+NODE_HINT = (
+    "Node.js 18 or newer with npm is needed to build the app's scripts (Debian/Ubuntu: `apt-get install nodejs npm`; "
+    "macOS: `brew install node`; else https://nodejs.org/), then `make app` builds and serves the bundle"
+)
+
+
+class AppBuildUnavailable(RuntimeError):
+    """The page's scripts cannot be built here (no Node.js/npm, or no app sources)."""
+
+
+def app_unit(store_uri: str, run_id: str) -> Unit:
+    return Unit(open_store(store_uri), f"runs/{run_id}/app", MARKER)
+
+
+def dist_dir() -> Path:
+    return Path(os.environ.get("COVID_APP_DIST", APP_SOURCE / "dist"))
+
+
+def _stale(dist: Path) -> bool:
+    built = dist / "app.js"
+    if not built.is_file() or not (dist / "sw.js").is_file():
+        return True
+    sources = [
+        p for p in APP_SOURCE.rglob("*") if p.is_file() and "node_modules" not in p.parts and "dist" not in p.parts
+    ]
+    return any(p.stat().st_mtime > built.stat().st_mtime for p in sources)
+
+
+def ensure_dist() -> Path:
+    """The built page (``app/dist``), building it with npm when it is missing or older than its sources."""
+    dist = dist_dir()
+    if "COVID_APP_DIST" in os.environ or not (APP_SOURCE / "package.json").is_file():
+        if (dist / "app.js").is_file():
+            return dist
+        raise AppBuildUnavailable(f"no built app at {dist} and no app sources at {APP_SOURCE} to build it from")
+    if not _stale(dist):
+        return dist
+    npm = shutil.which("npm")
+    if not npm or not shutil.which("node"):
+        raise AppBuildUnavailable(f"the phone app bundle was skipped: {NODE_HINT}")
+    steps = [[npm, "run", "build"]]
+    if not (APP_SOURCE / "node_modules").is_dir():
+        steps.insert(0, [npm, "ci", "--no-audit", "--no-fund"])
+    for cmd in steps:
+        done = subprocess.run(cmd, cwd=APP_SOURCE, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout)[-2000:]
+            raise AppBuildUnavailable(f"`{' '.join(cmd[1:])}` in {APP_SOURCE} failed ({done.returncode}): {tail}")
+    return dist
+
+
+def _ci(p: float, n: int) -> list[float]:
+    return list(wilson_interval(round(p * n), n))
+
+
+def _fixed_batch_tflite(local: Path, model_uri: str, out: Path) -> Path:
+    """``local`` when its batch dimension is 1; else a fixed-batch conversion of the stored model
+    (exports made before fixed-batch TFLite had ``[-1, H, W, C]``, which LiteRT.js refuses)."""
+    import tensorflow as tf
+
+    sig = tf.lite.Interpreter(model_path=str(local)).get_input_details()[0]["shape_signature"]
+    if int(sig[0]) == 1:
+        return local
+    from covid_models.export import export_tflite
+    from covid_models.train import load_trained_model
+
+    log.info("%s has a dynamic batch: converting a fixed-batch copy for the app", local.name)
+    export_tflite(load_trained_model(open_store(model_uri).uri_for("model.keras")), out)
+    return out
+
+
+def _model_entry(e: dict[str, Any], rank: int, champion_uri: str | None) -> dict[str, Any]:
+    slot = open_store(e["model_uri"])
+    stored = json.loads(slot.read_text("metrics.json"))
+    m, cfg = stored["metrics"], stored["config"]
+    val, test = m.get("val", {}), m.get("test", {})
+    entry = {
+        "name": e["model"],
+        "rank": rank,
+        "champion": champion_uri is not None and e["model_uri"].rstrip("/") == champion_uri.rstrip("/"),
+        "file": f"models/{e['model']}.tflite",
+        "input_size": cfg["input_size"],
+        "channels": cfg["channels"],
+        "weights": describe_weights(e["model"], cfg, stored.get("weights")),
+        "training": f"{cfg['input_size']} px grey input; up to {cfg['epochs']} epochs"
+        + (f" + {cfg['fine_tune_epochs']} fine-tuning" if cfg.get("fine_tune_epochs") else ""),
+        "metrics": m,
+        "images": {},
+    }
+    for split, d in (("val", val), ("test", test)):
+        if d:
+            entry[f"{split}_accuracy"] = d["accuracy"]
+            entry[f"{split}_accuracy_ci95"] = _ci(d["accuracy"], int(d["n"]))
+    if test:
+        entry |= {
+            "covid_sensitivity": test["covid_sensitivity"],
+            "covid_sensitivity_ci95": test["covid_sensitivity_ci95"],
+            "macro_f1": test["macro_f1"],
+        }
+    return entry
+
+
+def build_app_bundle(
+    store_uri: str,
+    run_id: str,
+    *,
+    dataset: dict[str, Any],
+    exports: list[dict[str, Any]],
+    guard: dict[str, Any] | None,
+    guard_note: str | None = None,
+    champion_uri: str | None = None,
+) -> dict[str, Any]:
+    """Write ``runs/<run id>/app/`` (if not complete yet) from the run's exports; its record.
+
+    ``exports`` are the run's top models in rank order (records of ``ensure_exports``);
+    ``champion_uri`` marks the model slot that is the champion. Raises :class:`AppBuildUnavailable`
+    when the page cannot be built here.
+    """
+    unit = app_unit(store_uri, run_id)
+    done = unit.record()
+    if done is not None:
+        return done
+    dist = ensure_dist()
+    store = open_store(store_uri)
+    run = f"runs/{run_id}"
+    models = []
+    with tempfile.TemporaryDirectory(prefix="app-bundle-") as tmp:
+        tmp = Path(tmp)
+        for rank, e in enumerate(exports, start=1):
+            entry = _model_entry(e, rank, champion_uri)
+            tfl = e["variants"]["tflite"]
+            local = _local(tfl["uri"], tmp / f"{e['model']}-stored.tflite")
+            fixed = _fixed_batch_tflite(local, e["model_uri"], tmp / f"{e['model']}.tflite")
+            unit.put_file(entry["file"], fixed)
+            entry["bytes"] = fixed.stat().st_size
+            for name, file in PLOTS.items():
+                key = f"{run}/models/{e['model']}/{file}"
+                if store.exists(key):
+                    unit.put_file(
+                        f"models/{e['model']}/{file}", _local(store.uri_for(key), tmp / f"{e['model']}-{file}")
+                    )
+                    entry["images"][name] = f"models/{e['model']}/{file}"
+            card = f"{run}/model_cards/{e['model']}.md"
+            entry["card_markdown"] = store.read_text(card) if store.exists(card) else None
+            models.append(entry)
+        guard_entry = None
+        if guard is not None:
+            unit.put_file("guard/guard.tflite", _local(guard["uri"], tmp / "guard.tflite"))
+            keep = ("input_size", "channels", "threshold", "colour_threshold", "method", "val_false_alarm")
+            guard_entry = {"file": "guard/guard.tflite", **{k: guard[k] for k in keep}}
+        data = {
+            "run_id": run_id,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "dataset": {
+                "version": dataset.get("dataset_version"),
+                "split_hash": dataset.get("split_hash"),
+                "counts": dataset.get("split_counts"),
+            },
+            "classes": _classes(),
+            "disclaimer": DISCLAIMER,
+            "limits": DATA_LIMITS,
+            "models": models,
+            "guard": guard_entry,
+            "guard_note": guard_note,
+            "heatmap": {"method": "occlusion", "grid": HEATMAP_GRID},
+        }
+        unit.put_text("data/app.json", json.dumps(data, indent=1, default=float))
+        for path in sorted(p for p in dist.rglob("*") if p.is_file() and p.name != "sw.js" and p.suffix != ".map"):
+            unit.put_file(path.relative_to(dist).as_posix(), path)
+        files = _precache_list(unit)
+        sw = (dist / "sw.js").read_text()
+        if sw.count(MANIFEST_PLACEHOLDER) != 1:
+            raise AppBuildUnavailable(f"{dist / 'sw.js'} must hold {MANIFEST_PLACEHOLDER} exactly once")
+        unit.put_text("sw.js", sw.replace(MANIFEST_PLACEHOLDER, json.dumps(files)))
+    record = {
+        "run_id": run_id,
+        "models": [{k: m[k] for k in ("name", "rank", "champion", "file", "bytes", "input_size")} for m in models],
+        "guard": guard_entry is not None,
+        "files": len(files) + 1,
+        "bytes": _bytes(unit),
+    }
+    unit.complete(record)
+    log.info("app bundle of run %s: %d files, %.1f MB", run_id, record["files"], record["bytes"] / 1e6)
+    return unit.record()
+
+
+def _classes() -> list[str]:
+    from covid_data.labels import CLASSES
+
+    return list(CLASSES)
+
+
+def _local(uri: str, fallback: Path) -> Path:
+    store, key = _split_uri(uri)
+    return store.local_path(key) or store.get_file(key, fallback)
+
+
+def _split_uri(uri: str) -> tuple[Store, str]:
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    return open_store(parent), name
+
+
+def _precache_list(unit: Unit) -> list[dict[str, str]]:
+    """Workbox's precache entries: every bundle file (but the worker and the marker), with its md5."""
+    skip = {unit.key("sw.js"), unit.key(MARKER)}
+    return [
+        {"url": k[len(unit.prefix) + 1 :], "revision": md5}
+        for k, md5 in sorted(unit.store.checksums(unit.prefix + "/").items())
+        if k not in skip
+    ]
+
+
+def _bytes(unit: Unit) -> int:
+    """Bytes of the bundle's files (local stores; 0 where the store cannot say cheaply)."""
+    total = 0
+    for k in unit.store.list(unit.prefix + "/"):
+        local = unit.store.local_path(k)
+        total += local.stat().st_size if local is not None and local.is_file() else 0
+    return total

@@ -1,0 +1,206 @@
+"""The out-of-distribution guard: does a picked image look like a frontal chest X-ray at all?
+
+The score is the distance of the image from the training X-rays in the feature space of an
+ImageNet MobileNetV2: L2-normalised global-average-pooled features, minus their training mean,
+less their projection on the training set's top ``COMPONENTS`` principal components; the score
+is the squared norm of that residual (x100). Images unlike chest X-rays (other radiographs,
+photographs, screenshots) have features the X-ray subspace cannot explain. The threshold is the
+``QUANTILE`` quantile of the scores of the validation split, so about 0.5% of validation X-rays
+are flagged by design. The whole computation, image to score, is one TFLite file that the app
+runs on the device.
+
+A guard is a stored unit, ``guards/<split>/<key>/`` completed by ``guard.json``; the key covers
+the settings, the weights file and this module's code, so it is fitted once per split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covid_data.store import Unit, open_store
+
+log = logging.getLogger(__name__)
+
+MARKER = "guard.json"
+INPUT_SIZE = 128
+COMPONENTS = 64
+QUANTILE = 0.995
+SCALE = 100.0  # scores of a few units read better than 0.0x
+BACKBONE = "mobilenet_v2"
+METHOD = (
+    f"Distance from the training X-rays in the feature space of an ImageNet MobileNetV2 ({INPUT_SIZE} px, "
+    f"L2-normalised pooled features): the part the training set's top {COMPONENTS} principal components do "
+    f"not explain. Threshold: the {QUANTILE:.1%} quantile of the validation X-rays' scores."
+)
+
+
+class GuardUnavailableError(RuntimeError):
+    """The guard cannot be fitted here (its ImageNet weights are missing)."""
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Mean over pixels of (max - min) channel / 255: 0 for a grey image, what the app computes."""
+    if rgb.ndim == 2 or rgb.shape[-1] == 1:
+        return 0.0
+    c = rgb[..., :3].astype(np.float32)
+    return float((c.max(-1) - c.min(-1)).mean() / 255.0)
+
+
+def _weights() -> Path | str:
+    from covid_models.weights import MissingWeightsError, resolve_imagenet
+
+    try:
+        return resolve_imagenet(BACKBONE, INPUT_SIZE)
+    except MissingWeightsError as e:
+        raise GuardUnavailableError(f"the out-of-distribution guard needs ImageNet MobileNetV2 weights: {e}") from e
+
+
+def feature_model(weights: Path | str):
+    """Image (0..255, grey, ``INPUT_SIZE`` px) -> L2-normalised pooled MobileNetV2 features."""
+    import keras
+
+    from covid_models.builders import preprocess_layer
+
+    inp = keras.Input((INPUT_SIZE, INPUT_SIZE, 1), name="image")
+    x = preprocess_layer("tf", 1)(inp)  # MobileNetV2's preprocess_input, grey -> RGB
+    try:
+        backbone = keras.applications.MobileNetV2(
+            input_shape=(INPUT_SIZE, INPUT_SIZE, 3), include_top=False, weights=str(weights)
+        )
+    except Exception as e:  # "imagenet" with no network
+        raise GuardUnavailableError(f"the guard's ImageNet MobileNetV2 weights could not be loaded ({e})") from e
+    f = keras.layers.GlobalAveragePooling2D()(backbone(x))
+    f = f / keras.ops.sqrt(keras.ops.sum(keras.ops.square(f), axis=-1, keepdims=True) + 1e-12)
+    return keras.Model(inp, f, name="guard_features")
+
+
+def score_model(features, mean: np.ndarray, basis: np.ndarray, batch_size: int | None = None):
+    """Image -> score, one model: what is exported to TFLite."""
+    import keras
+
+    inp = keras.Input((INPUT_SIZE, INPUT_SIZE, 1), batch_size=batch_size, name="image")
+    z = features(inp) - keras.ops.convert_to_tensor(mean[None].astype("float32"))
+    v = keras.ops.convert_to_tensor(basis.astype("float32"))
+    resid = z - keras.ops.matmul(keras.ops.matmul(z, v), keras.ops.transpose(v))
+    score = SCALE * keras.ops.sum(keras.ops.square(resid), axis=-1, keepdims=True)
+    return keras.Model(inp, score, name="ood_guard")
+
+
+def fit_subspace(train_features: np.ndarray, components: int = COMPONENTS) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, basis) of the training features: basis is (dims, k) with orthonormal columns."""
+    mean = train_features.mean(0)
+    _, _, vt = np.linalg.svd(train_features - mean, full_matrices=False)
+    k = min(components, vt.shape[0])
+    return mean, vt[:k].T
+
+
+def scores(train_mean: np.ndarray, basis: np.ndarray, features: np.ndarray) -> np.ndarray:
+    z = features - train_mean
+    r = z - (z @ basis) @ basis.T
+    return SCALE * (r**2).sum(1)
+
+
+def _features(model, paths: list[str]) -> np.ndarray:
+    import tensorflow as tf
+
+    from covid_models.data import decode_resize
+
+    ds = (
+        tf.data.Dataset.from_tensor_slices(paths)
+        .map(lambda p: tf.cast(decode_resize(p, INPUT_SIZE, 1), tf.float32), num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(64)
+    )
+    return model.predict(ds, verbose=0)
+
+
+def guard_key(weights_sha256: str, max_per_class: int | None) -> str:
+    ident = {
+        "size": INPUT_SIZE,
+        "components": COMPONENTS,
+        "quantile": QUANTILE,
+        "weights": weights_sha256,
+        "max_per_class": max_per_class,
+        "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12],
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def guard_unit(store_uri: str, split_hash: str, key: str) -> Unit:
+    return Unit(open_store(store_uri), f"guards/{split_hash}/{key}", MARKER)
+
+
+def ensure_guard(store_uri: str, split_uri: str, split_hash: str, max_per_class: int | None = None) -> dict[str, Any]:
+    """The guard of this split (fitted once): its record, with ``uri`` of ``guard.tflite``."""
+    from covid_models.data import load_split_data
+    from covid_models.train_config import file_sha256
+
+    weights = _weights()
+    sha = file_sha256(str(weights)) if weights != "imagenet" else "download"
+    unit = guard_unit(store_uri, split_hash, guard_key(sha, max_per_class))
+    rec = unit.record()
+    if rec is None:
+        data = load_split_data(split_uri, max_per_class=max_per_class)
+        features = feature_model(weights)
+        train = _features(features, data.files("train")[0])
+        mean, basis = fit_subspace(train)
+        val = scores(mean, basis, _features(features, data.files("val")[0]))
+        threshold = float(np.quantile(val, QUANTILE))
+        test_paths = data.files("test")[0]
+        test = scores(mean, basis, _features(features, test_paths)) if test_paths else np.zeros(0)
+        with tempfile.TemporaryDirectory(prefix="guard-") as tmp:
+            out = Path(tmp) / "guard.tflite"
+            export_guard(score_model(features, mean, basis, batch_size=1), out)
+            unit.put_file("guard.tflite", out)
+            np.savez(Path(tmp) / "subspace.npz", mean=mean, basis=basis)
+            unit.put_file("subspace.npz", Path(tmp) / "subspace.npz")
+        rec = {
+            "file": "guard.tflite",
+            "method": METHOD,
+            "input_size": INPUT_SIZE,
+            "channels": 1,
+            "components": int(basis.shape[1]),
+            "quantile": QUANTILE,
+            "threshold": threshold,
+            # Photographs are colour; X-rays are grey (0 here). Flag clear colour with a margin.
+            "colour_threshold": 0.04,
+            "weights": {"kind": "imagenet", "file": str(weights), "sha256": sha},
+            "fitted_on": {"split_hash": split_hash, "train": len(train), "val": len(val), "test": len(test)},
+            "val_false_alarm": float(np.mean(val > threshold)),
+            "test_false_alarm": float(np.mean(test > threshold)) if len(test) else None,
+        }
+        unit.complete(rec)
+        rec = unit.record()
+        log.info("fitted the OOD guard: threshold %.3f, test false alarms %s", threshold, rec["test_false_alarm"])
+    rec = {k: v for k, v in rec.items() if k != "objects"}
+    return {**rec, "uri": unit.store.uri_for(unit.key("guard.tflite"))}
+
+
+def export_guard(model, out: Path) -> None:
+    import tensorflow as tf
+
+    from covid_models.export import _log_beside, converter_output
+
+    with converter_output(_log_beside(out), "TFLite converter"):
+        out.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+
+
+def tflite_scores(tflite_path: str | Path, images: np.ndarray) -> np.ndarray:
+    """Scores of ``images`` (N, S, S, 1; 0..255) by the stored guard, as the app computes them."""
+    import tensorflow as tf
+
+    it = tf.lite.Interpreter(model_path=str(tflite_path))
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    res = []
+    for img in images:
+        it.set_tensor(inp["index"], img[None].astype("float32"))
+        it.invoke()
+        res.append(float(it.get_tensor(out["index"]).reshape(-1)[0]))
+    return np.asarray(res)

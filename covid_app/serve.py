@@ -1,0 +1,165 @@
+"""Serve a run's app bundle on loopback: ``python -m covid_app.serve`` (what ``make app`` runs).
+
+By default the champion's run; ``--run`` picks another. A complete run whose bundle was skipped
+(no Node.js when it was published) gets its bundle built first. The files are read from the
+store, so a ``gs://`` store works too; any static host can serve the folder instead (README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import mimetypes
+import posixpath
+import sys
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from covid_app.bundle import AppBuildUnavailable, app_unit, build_app_bundle
+from covid_data.store import Store, open_store
+
+log = logging.getLogger(__name__)
+
+# LiteRT.js streams its runtime with WebAssembly.instantiateStreaming, which needs this type.
+TYPES = {
+    ".wasm": "application/wasm",
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".json": "application/json",
+    ".webmanifest": "application/manifest+json",
+    ".tflite": "application/octet-stream",
+    ".md": "text/markdown; charset=utf-8",
+}
+
+
+class NoBundleError(RuntimeError):
+    pass
+
+
+def content_type(path: str) -> str:
+    ext = posixpath.splitext(path)[1].lower()
+    return TYPES.get(ext) or mimetypes.guess_type(path)[0] or "application/octet-stream"
+
+
+def resolve_run(store: Store, run_id: str | None) -> str:
+    """The run to serve: ``run_id``, else the champion's, else the newest complete run."""
+    if run_id:
+        return run_id
+    from covid_models import champion as registry
+
+    champ = registry.current(store)
+    if champ and champ.get("run_id"):
+        return champ["run_id"]
+    runs = sorted({k.split("/")[1] for k in store.list("runs/") if k.endswith("/run.json") and k.count("/") == 2})
+    if not runs:
+        raise NoBundleError(f"{store.uri} has no champion and no complete run: run `make run` first")
+    log.info("no champion yet: serving the newest run, %s", runs[-1])
+    return runs[-1]
+
+
+def ensure_bundle(store_uri: str, run_id: str) -> dict[str, Any]:
+    """The run's app bundle record, building it from the complete run if it has none yet."""
+    unit = app_unit(store_uri, run_id)
+    rec = unit.record()
+    if rec is not None:
+        return rec
+    store = open_store(store_uri)
+    key = f"runs/{run_id}/run.json"
+    if not store.exists(key):
+        raise NoBundleError(f"run {run_id} in {store.uri} is not complete (no {key}): nothing to serve")
+    run = json.loads(store.read_text(key))
+    if not run.get("exports"):
+        raise NoBundleError(f"run {run_id} exported no models: it has no app")
+    from covid_app.guard import GuardUnavailableError, ensure_guard
+    from covid_models import champion as registry
+
+    ds = run["dataset"]
+    cap = (run.get("preset") or {}).get("max_per_class")
+    try:
+        guard, note = ensure_guard(store_uri, ds["split"], ds["split_hash"], cap), None
+    except GuardUnavailableError as e:
+        guard, note = None, str(e)
+    champ = registry.current(store)
+    log.info("run %s has no app bundle yet: building it", run_id)
+    return build_app_bundle(
+        store_uri,
+        run_id,
+        dataset=ds,
+        exports=run["exports"],
+        guard=guard,
+        guard_note=note,
+        champion_uri=champ["model_uri"] if champ else None,
+    )
+
+
+def handler_for(store: Store, prefix: str) -> type[BaseHTTPRequestHandler]:
+    class BundleHandler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self._serve(body=True)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._serve(body=False)
+
+        def _serve(self, body: bool) -> None:
+            path = posixpath.normpath(self.path.split("?", 1)[0].split("#", 1)[0]).lstrip("/")
+            if path in ("", "."):
+                path = "index.html"
+            if path.startswith("..") or path == "bundle.json":
+                self.send_error(HTTPStatus.NOT_FOUND)
+                return
+            try:
+                data = store.read_bytes(f"{prefix}/{path}")
+            except FileNotFoundError:
+                self.send_error(HTTPStatus.NOT_FOUND, f"{path} is not in the bundle")
+                return
+            self.send_response(HTTPStatus.OK)
+            self.send_header("Content-Type", content_type(path))
+            self.send_header("Content-Length", str(len(data)))
+            # The service worker and the data must be revalidated; the worker caches the rest.
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            log.debug("%s " + fmt, self.address_string(), *args)
+
+    return BundleHandler
+
+
+def serve(store_uri: str, run_id: str | None, host: str, port: int) -> None:
+    store = open_store(store_uri)
+    run = resolve_run(store, run_id)
+    rec = ensure_bundle(store_uri, run)
+    server = ThreadingHTTPServer((host, port), handler_for(store, f"runs/{run}/app"))
+    models = ", ".join(f"{m['name']}{' (champion)' if m['champion'] else ''}" for m in rec["models"])
+    print(f"Serving the app of run {run} ({models}) at http://{host}:{server.server_port}/", flush=True)
+    print("Open it in a browser (on a phone: the same address through a tunnel or static host). Ctrl-C stops.")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m covid_app.serve", description=__doc__.splitlines()[0])
+    ap.add_argument("--store", default=".store", help="the store retrain published to (folder or gs://)")
+    ap.add_argument("--run", default=None, help="a run id (default: the champion's run)")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        serve(args.store, args.run, args.host, args.port)
+    except (NoBundleError, AppBuildUnavailable) as e:
+        print(f"make app: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

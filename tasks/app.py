@@ -1,0 +1,57 @@
+"""The phone app's task: fit the out-of-distribution guard, then write the run's app bundle.
+
+A thin wrapper over covid_app; a bundle that cannot be built here (no Node.js) is skipped with the
+reason, and never fails the models that were trained and published.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from covid_app.bundle import AppBuildUnavailable, build_app_bundle
+from covid_app.guard import GuardUnavailableError, ensure_guard
+from covid_models import champion as registry
+
+
+@task(name="app-bundle")
+def build_app(
+    store: str,
+    run_id: str,
+    dataset: dict[str, Any],
+    exports: list[dict[str, Any]],
+    max_per_class: int | None,
+) -> dict[str, Any]:
+    """``{"status": "built"|"skipped"|"failed", ...}``: the bundle's record, or why there is none."""
+    log = get_run_logger()
+    if not exports:
+        return {"status": "skipped", "reason": "no exported models to put in the app"}
+    try:
+        guard, note = ensure_guard(store, dataset["split"], dataset["split_hash"], max_per_class), None
+    except GuardUnavailableError as e:
+        guard, note = None, str(e)
+        log.warning("the app has no out-of-distribution guard: %s", e)
+    champion = registry.current(store)
+    try:
+        rec = build_app_bundle(
+            store,
+            run_id,
+            dataset=dataset,
+            exports=exports,
+            guard=guard,
+            guard_note=note,
+            champion_uri=champion["model_uri"] if champion else None,
+        )
+    except AppBuildUnavailable as e:
+        log.warning("%s", e)
+        return {"status": "skipped", "reason": str(e)}
+    uri = f"runs/{run_id}/app/"
+    create_markdown_artifact(
+        f"App bundle of run `{run_id}`: {len(rec['models'])} models, {rec['bytes'] / 1e6:.1f} MB, "
+        f"guard: {'yes' if rec['guard'] else 'no (' + str(note) + ')'}. Serve it with `make app`.",
+        key="app-bundle",
+    )
+    log.info("app bundle written to %s (%d files)", uri, rec["files"])
+    return {"status": "built", "path": uri, **{k: v for k, v in rec.items() if k != "objects"}}

@@ -1,0 +1,108 @@
+"""The app's out-of-distribution guard, fitted for real on a seeded sample of the shared X-rays
+and scored, through its TFLite file, on real non-chest radiographs and real photographs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from covid_app import guard as G
+from tests.conftest import MOBILENET_WEIGHTS, SHARED, make_kaggle_folder
+
+OOD = SHARED / "data" / "ood-radiographs"
+
+
+def _images(paths) -> np.ndarray:
+    from covid_models.data import decode_resize
+
+    return np.stack([decode_resize(str(p), G.INPUT_SIZE, 1).numpy() for p in paths]).astype("float32")
+
+
+def photographs() -> dict[str, np.ndarray]:
+    """Real photographs shipped by scikit-learn and scikit-image (a cat among them), grey, guard-sized."""
+    import skimage.data
+    import tensorflow as tf
+    from sklearn.datasets import load_sample_images
+
+    pics = dict(zip(("china", "flower"), load_sample_images().images, strict=True))
+    for name in ("chelsea", "astronaut", "coffee", "rocket", "cat", "camera", "coins", "moon", "page", "horse"):
+        pics[name] = np.asarray(getattr(skimage.data, name)())
+    out = {}
+    for name, img in pics.items():
+        img = (img.astype("uint8") * (255 if img.dtype == bool else 1))[..., None] if img.ndim == 2 else img[..., :3]
+        grey = tf.image.rgb_to_grayscale(img) if img.shape[-1] == 3 else img
+        out[name] = tf.round(tf.image.resize(grey, (G.INPUT_SIZE, G.INPUT_SIZE), antialias=True)).numpy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, monkeypatch_module):
+    if not MOBILENET_WEIGHTS.is_file() or not OOD.is_dir():
+        pytest.skip(f"needs {MOBILENET_WEIGHTS} and {OOD} (../shared beside the checkout)")
+    from covid_data.dataset import fetch_dataset, load_manifest
+    from covid_data.split import SplitConfig, write_split
+    from covid_data.store import open_store
+
+    monkeypatch_module.setenv("COVID_WEIGHTS_DIR", str(MOBILENET_WEIGHTS.parent))
+    base = tmp_path_factory.mktemp("guard")
+    ref = fetch_dataset(str(make_kaggle_folder(base / "src", n_per_class=60, seed=7, extras=False)), str(base / "s"))
+    store = open_store(ref.store)
+    split = write_split(store, ref.version, load_manifest(store, ref.version), SplitConfig(0.7, 0.15, 0.15))
+    rec = G.ensure_guard(str(base / "s"), split.uri, split.split_hash)
+    return rec, split
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_threshold_is_the_validation_quantile(fitted):
+    rec, _ = fitted
+    assert rec["input_size"] == G.INPUT_SIZE and rec["quantile"] == G.QUANTILE
+    n_val = rec["fitted_on"]["val"]
+    # By construction at most (1 - quantile) of validation, rounded up to one image, is flagged.
+    assert rec["val_false_alarm"] <= max(1 - G.QUANTILE, 1 / n_val) + 1e-9
+    assert rec["test_false_alarm"] is not None and rec["test_false_alarm"] <= 0.1
+
+
+def test_guard_flags_other_radiographs_and_photographs(fitted):
+    rec, _ = fitted
+    ood = sorted(p for p in OOD.glob("*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    assert len(ood) >= 40
+    ood_scores = G.tflite_scores(rec["uri"], _images(ood))
+    missed = [p.parent.name + "/" + p.name for p, s in zip(ood, ood_scores, strict=True) if s <= rec["threshold"]]
+    assert len(missed) <= 0.1 * len(ood), f"missed {len(missed)}/{len(ood)}: {missed}"
+    photos = photographs()
+    photo_scores = G.tflite_scores(rec["uri"], np.stack(list(photos.values())))
+    assert all(photo_scores > rec["threshold"]), dict(zip(photos, photo_scores.round(1), strict=True))
+
+
+def test_tflite_guard_scores_as_fitted(fitted):
+    """The one-file TFLite guard (what the app runs) gives the scores of the fitted subspace."""
+    from covid_data.store import open_store
+    from covid_models.data import load_split_data
+
+    rec, split = fitted
+    sub = np.load(open_store(rec["uri"].rsplit("/", 1)[0]).local_path("subspace.npz"))
+    paths = load_split_data(split.uri).files("test")[0][:8]
+    imgs = _images(paths)
+    features = G.feature_model(MOBILENET_WEIGHTS).predict(imgs, verbose=0)
+    expected = G.scores(sub["mean"], sub["basis"], features)
+    np.testing.assert_allclose(G.tflite_scores(rec["uri"], imgs), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_colourfulness_separates_grey_from_colour():
+    grey = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
+    assert G.colourfulness(grey) == 0.0
+    red = np.zeros((4, 4, 3), np.uint8)
+    red[..., 0] = 255
+    assert G.colourfulness(red) == pytest.approx(1.0)
+
+
+def test_missing_weights_name_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("COVID_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(G.GuardUnavailableError, match="mobilenet_v2_.*no_top"):
+        G.ensure_guard(str(tmp_path / "store"), "unused", "unused")
