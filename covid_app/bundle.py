@@ -29,7 +29,7 @@ from covid_models.model_card import DATA_LIMITS, describe_weights
 log = logging.getLogger(__name__)
 
 MARKER = "bundle.json"
-APP_SOURCE = Path(__file__).resolve().parent.parent / "app"
+APP_SOURCE = Path(__file__).resolve().parent.parent / "app"  # the page's sources (npm project)
 MANIFEST_PLACEHOLDER = "self.__WB_MANIFEST"
 HEATMAP_GRID = 8
 PLOTS = {"confusion_test": "confusion_test.png", "confusion_val": "confusion_val.png", "curves": "curves.png"}
@@ -47,40 +47,46 @@ def app_unit(store_uri: str, run_id: str) -> Unit:
     return Unit(open_store(store_uri), f"runs/{run_id}/app", MARKER)
 
 
+def app_source() -> Path:
+    return Path(os.environ.get("COVID_APP_SOURCE", APP_SOURCE))
+
+
 def dist_dir() -> Path:
-    return Path(os.environ.get("COVID_APP_DIST", APP_SOURCE / "dist"))
+    return Path(os.environ.get("COVID_APP_DIST", app_source() / "dist"))
 
 
 def _stale(dist: Path) -> bool:
     built = dist / "app.js"
     if not built.is_file() or not (dist / "sw.js").is_file():
         return True
-    sources = [
-        p for p in APP_SOURCE.rglob("*") if p.is_file() and "node_modules" not in p.parts and "dist" not in p.parts
-    ]
+    skip = {"node_modules", "dist"}
+    sources = [p for p in app_source().rglob("*") if p.is_file() and not skip & set(p.parts)]
     return any(p.stat().st_mtime > built.stat().st_mtime for p in sources)
 
 
 def ensure_dist() -> Path:
     """The built page (``app/dist``), building it with npm when it is missing or older than its sources."""
-    dist = dist_dir()
-    if "COVID_APP_DIST" in os.environ or not (APP_SOURCE / "package.json").is_file():
+    dist, source = dist_dir(), app_source()
+    if "COVID_APP_DIST" in os.environ or not (source / "package.json").is_file():
         if (dist / "app.js").is_file():
             return dist
-        raise AppBuildUnavailable(f"no built app at {dist} and no app sources at {APP_SOURCE} to build it from")
+        raise AppBuildUnavailable(f"no built app at {dist} and no app sources at {source} to build it from")
     if not _stale(dist):
         return dist
     npm = shutil.which("npm")
     if not npm or not shutil.which("node"):
+        if (dist / "app.js").is_file() and (dist / "sw.js").is_file():
+            log.warning("the app's sources changed since %s was built, and there is no npm to rebuild it", dist)
+            return dist
         raise AppBuildUnavailable(f"the phone app bundle was skipped: {NODE_HINT}")
     steps = [[npm, "run", "build"]]
-    if not (APP_SOURCE / "node_modules").is_dir():
+    if not (source / "node_modules").is_dir():
         steps.insert(0, [npm, "ci", "--no-audit", "--no-fund"])
     for cmd in steps:
-        done = subprocess.run(cmd, cwd=APP_SOURCE, capture_output=True, text=True)
+        done = subprocess.run(cmd, cwd=source, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout)[-2000:]
-            raise AppBuildUnavailable(f"`{' '.join(cmd[1:])}` in {APP_SOURCE} failed ({done.returncode}): {tail}")
+            raise AppBuildUnavailable(f"`{' '.join(cmd[1:])}` in {source} failed ({done.returncode}): {tail}")
     return dist
 
 

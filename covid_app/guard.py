@@ -120,13 +120,12 @@ def _features(model, paths: list[str]) -> np.ndarray:
     return model.predict(ds, verbose=0)
 
 
-def guard_key(weights_sha256: str, max_per_class: int | None) -> str:
+def guard_key(weights_sha256: str) -> str:
     ident = {
         "size": INPUT_SIZE,
         "components": COMPONENTS,
         "quantile": QUANTILE,
         "weights": weights_sha256,
-        "max_per_class": max_per_class,
         "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12],
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
@@ -136,17 +135,20 @@ def guard_unit(store_uri: str, split_hash: str, key: str) -> Unit:
     return Unit(open_store(store_uri), f"guards/{split_hash}/{key}", MARKER)
 
 
-def ensure_guard(store_uri: str, split_uri: str, split_hash: str, max_per_class: int | None = None) -> dict[str, Any]:
-    """The guard of this split (fitted once): its record, with ``uri`` of ``guard.tflite``."""
+def ensure_guard(store_uri: str, split_uri: str, split_hash: str) -> dict[str, Any]:
+    """The guard of this split (fitted once): its record, with ``uri`` of ``guard.tflite``.
+
+    It is fitted on the whole split even for capped (smoke) runs: it costs seconds, and a guard
+    fitted on a few dozen images would flag ordinary X-rays."""
     from covid_models.data import load_split_data
     from covid_models.train_config import file_sha256
 
     weights = _weights()
     sha = file_sha256(str(weights)) if weights != "imagenet" else "download"
-    unit = guard_unit(store_uri, split_hash, guard_key(sha, max_per_class))
+    unit = guard_unit(store_uri, split_hash, guard_key(sha))
     rec = unit.record()
     if rec is None:
-        data = load_split_data(split_uri, max_per_class=max_per_class)
+        data = load_split_data(split_uri)
         features = feature_model(weights)
         train = _features(features, data.files("train")[0])
         mean, basis = fit_subspace(train)

@@ -76,9 +76,8 @@ def ensure_bundle(store_uri: str, run_id: str) -> dict[str, Any]:
     from covid_models import champion as registry
 
     ds = run["dataset"]
-    cap = (run.get("preset") or {}).get("max_per_class")
     try:
-        guard, note = ensure_guard(store_uri, ds["split"], ds["split_hash"], cap), None
+        guard, note = ensure_guard(store_uri, ds["split"], ds["split_hash"]), None
     except GuardUnavailableError as e:
         guard, note = None, str(e)
     champ = registry.current(store)

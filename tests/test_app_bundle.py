@@ -1,0 +1,74 @@
+"""The app bundle's build step without a browser: what happens without Node.js, how the server
+types files, and which run ``make app`` serves."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from covid_app import bundle, serve
+from covid_data.store import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_without_node_the_bundle_is_skipped_naming_what_to_install(tmp_path, monkeypatch):
+    src = tmp_path / "app"
+    shutil.copytree(REPO / "app", src, ignore=shutil.ignore_patterns("node_modules", "dist"))
+    bin_dir = tmp_path / "bin"  # a PATH with no node and no npm on it
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("COVID_APP_SOURCE", str(src))
+    with pytest.raises(bundle.AppBuildUnavailable, match=r"Node\.js .*npm.*apt-get install nodejs npm"):
+        bundle.ensure_dist()
+    with pytest.raises(bundle.AppBuildUnavailable, match="skipped"):
+        bundle.build_app_bundle(str(tmp_path / "store"), "r1", dataset={}, exports=[], guard=None)
+    assert not (tmp_path / "store" / "runs").exists()  # nothing half-written
+
+
+def test_a_built_page_is_used_without_node(tmp_path, monkeypatch):
+    src = tmp_path / "app"
+    shutil.copytree(REPO / "app", src, ignore=shutil.ignore_patterns("node_modules", "dist"))
+    (src / "dist").mkdir()
+    for name in ("app.js", "sw.js"):
+        (src / "dist" / name).write_text("// built\n")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setenv("COVID_APP_SOURCE", str(src))
+    assert bundle.ensure_dist() == src / "dist"
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ("wasm/litert_wasm_internal.wasm", "application/wasm"),
+        ("app.js", "text/javascript"),
+        ("manifest.webmanifest", "application/manifest+json"),
+        ("data/app.json", "application/json"),
+        ("models/custom_cnn.tflite", "application/octet-stream"),
+        ("index.html", "text/html"),
+        ("icons/icon-192.png", "image/png"),
+    ],
+)
+def test_content_types(path, expected):
+    assert serve.content_type(path) == expected
+
+
+def test_make_app_on_an_empty_store_says_to_run_first(tmp_path):
+    with pytest.raises(serve.NoBundleError, match="make run"):
+        serve.resolve_run(open_store(str(tmp_path)), None)
+
+
+def test_an_incomplete_run_is_not_served(tmp_path):
+    (tmp_path / "runs" / "r1").mkdir(parents=True)
+    with pytest.raises(serve.NoBundleError, match="not complete"):
+        serve.ensure_bundle(str(tmp_path), "r1")
+
+
+def test_serves_the_newest_complete_run_without_a_champion(tmp_path):
+    for run, complete in (("20260101T000000Z-a", True), ("20260102T000000Z-b", True), ("20260103T000000Z-c", False)):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        if complete:
+            (tmp_path / "runs" / run / "run.json").write_text("{}")
+    assert serve.resolve_run(open_store(str(tmp_path)), None) == "20260102T000000Z-b"
