@@ -101,7 +101,14 @@ def decode_resize(path, size: int, channels: int):
     """Read, decode (PNG or JPEG), convert to ``channels``, resize; uint8 out."""
     import tensorflow as tf
 
-    img = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+    raw = tf.io.read_file(path)
+    # JPEG with the exact IDCT, as browsers and PIL decode it (decode_image's default is the fast,
+    # inexact one): the phone app then sees the same pixels as the pipeline.
+    img = tf.cond(
+        tf.io.is_jpeg(raw),
+        lambda: tf.io.decode_jpeg(raw, channels=channels, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(raw, channels=channels, expand_animations=False),
+    )
     img = tf.image.resize(img, (size, size), method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
 

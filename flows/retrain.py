@@ -126,7 +126,7 @@ def retrain(
         models_published = publish_run(store, run_id, data, board, records, exports, blessing)
         decision = promote_champion(store, candidate, exports, blessing, exports_ok)
         clock.lap("publish")
-        app_state = build_app(store, run_id, data, exports, p.max_per_class, return_state=True)
+        app_state = build_app(store, run_id, data, exports, return_state=True)
         app = app_state.result() if app_state.is_completed() else {"status": "failed", "reason": app_state.message}
         clock.lap("app")
         run = finish_run(

@@ -22,14 +22,13 @@ def build_app(
     run_id: str,
     dataset: dict[str, Any],
     exports: list[dict[str, Any]],
-    max_per_class: int | None,
 ) -> dict[str, Any]:
     """``{"status": "built"|"skipped"|"failed", ...}``: the bundle's record, or why there is none."""
     log = get_run_logger()
     if not exports:
         return {"status": "skipped", "reason": "no exported models to put in the app"}
     try:
-        guard, note = ensure_guard(store, dataset["split"], dataset["split_hash"], max_per_class), None
+        guard, note = ensure_guard(store, dataset["split"], dataset["split_hash"]), None
     except GuardUnavailableError as e:
         guard, note = None, str(e)
         log.warning("the app has no out-of-distribution guard: %s", e)

@@ -178,6 +178,14 @@ def _shown_probs(page, model: str) -> np.ndarray:
 def _classify(page, path: Path, model: str) -> np.ndarray:
     page.click(f"#model-list [data-model='{model}']")
     _pick(page, path)
+    page.wait_for_function(
+        """m => {
+            const r = document.querySelector('#results'), w = document.querySelector('#ood-warning');
+            return (r && !r.hidden && r.dataset.state === 'done' && r.dataset.model === m) || (w && !w.hidden);
+        }""",
+        arg=model,
+        timeout=60_000,
+    )
     if page.is_visible("#ood-warning"):  # a real X-ray the guard doubts: the user may go on
         page.click("#classify-anyway")
     return _shown_probs(page, model)

@@ -8,6 +8,7 @@ import pytest
 
 from covid_app import guard as G
 from tests.conftest import MOBILENET_WEIGHTS, SHARED, make_kaggle_folder
+from tests.photographs import photographs
 
 OOD = SHARED / "data" / "ood-radiographs"
 
@@ -16,23 +17,6 @@ def _images(paths) -> np.ndarray:
     from covid_models.data import decode_resize
 
     return np.stack([decode_resize(str(p), G.INPUT_SIZE, 1).numpy() for p in paths]).astype("float32")
-
-
-def photographs() -> dict[str, np.ndarray]:
-    """Real photographs shipped by scikit-learn and scikit-image (a cat among them), grey, guard-sized."""
-    import skimage.data
-    import tensorflow as tf
-    from sklearn.datasets import load_sample_images
-
-    pics = dict(zip(("china", "flower"), load_sample_images().images, strict=True))
-    for name in ("chelsea", "astronaut", "coffee", "rocket", "cat", "camera", "coins", "moon", "page", "horse"):
-        pics[name] = np.asarray(getattr(skimage.data, name)())
-    out = {}
-    for name, img in pics.items():
-        img = (img.astype("uint8") * (255 if img.dtype == bool else 1))[..., None] if img.ndim == 2 else img[..., :3]
-        grey = tf.image.rgb_to_grayscale(img) if img.shape[-1] == 3 else img
-        out[name] = tf.round(tf.image.resize(grey, (G.INPUT_SIZE, G.INPUT_SIZE), antialias=True)).numpy()
-    return out
 
 
 @pytest.fixture(scope="module")

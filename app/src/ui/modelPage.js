@@ -1,0 +1,169 @@
+// The model page (#/model/<name>): metrics, model card, figures, limits.
+import { el, pct, ci, num, mb, str, isNum, label } from "./format.js";
+import { renderMarkdown, renderInline } from "./markdown.js";
+
+function metricRows(m, top, split) {
+  if (!m) return [];
+  const accCi = m.accuracy_ci95 || top[`${split}_accuracy_ci95`];
+  return [
+    ["Accuracy", pct(isNum(m.accuracy) ? m.accuracy : top[`${split}_accuracy`]), ci(accCi)],
+    ["COVID sensitivity", pct(m.covid_sensitivity), ci(m.covid_sensitivity_ci95)],
+    ["COVID specificity", pct(m.covid_specificity), ci(m.covid_specificity_ci95)],
+    ["Macro-F1", num(m.macro_f1)],
+    ["Balanced accuracy", pct(m.balanced_accuracy)],
+    ["ROC AUC (macro)", num(m.roc_auc_macro)],
+    ["ECE (calibration error)", num(m.ece)],
+    ["Images (n)", isNum(m.n) ? String(m.n) : "—"],
+  ];
+}
+
+function perClassTable(m, classes) {
+  const pc = (m && m.per_class) || {};
+  const names = classes.length ? classes : Object.keys(pc);
+  if (!names.length) return null;
+  return el(
+    "table",
+    { class: "metric-table per-class" },
+    el("thead", {}, el("tr", {}, ...["Class", "Precision", "Recall", "F1", "n"].map((h) => el("th", { scope: "col", text: h })))),
+    el(
+      "tbody",
+      {},
+      ...names.map((c) => {
+        const r = pc[c] || {};
+        return el(
+          "tr",
+          { "data-class": c },
+          el("th", { scope: "row" }, label(c)),
+          el("td", { text: pct(r.precision) }),
+          el("td", { text: pct(r.recall) }),
+          el("td", { text: num(r.f1) }),
+          el("td", { text: isNum(r.support) ? String(r.support) : "—" }),
+        );
+      }),
+    ),
+  );
+}
+
+function confusionTable(cm, classes) {
+  if (!Array.isArray(cm) || !cm.length) return null;
+  const names = classes.length === cm.length ? classes : cm.map((_, i) => `class ${i}`);
+  return el(
+    "div",
+    { class: "table-scroll" },
+    el(
+      "table",
+      { class: "metric-table confusion" },
+      el("caption", { text: "Confusion matrix (rows: true class, columns: predicted)" }),
+      el("thead", {}, el("tr", {}, el("th", { text: "" }), ...names.map((n) => el("th", { scope: "col" }, label(n))))),
+      el(
+        "tbody",
+        {},
+        ...cm.map((row, i) =>
+          el(
+            "tr",
+            {},
+            el("th", { scope: "row" }, label(names[i])),
+            ...(Array.isArray(row) ? row : []).map((v, j) => el("td", { class: i === j ? "diag" : "", text: String(v) })),
+          ),
+        ),
+      ),
+    ),
+  );
+}
+
+function figure(src, caption, resolve) {
+  if (!str(src)) return null;
+  return el(
+    "figure",
+    { class: "figure" },
+    el("img", { src: resolve(src), alt: caption, loading: "lazy", decoding: "async" }),
+    el("figcaption", { text: caption }),
+  );
+}
+
+export function renderModelPage(root, model, app, resolve) {
+  root.replaceChildren();
+  if (!model) {
+    root.removeAttribute("data-model");
+    root.append(el("h2", { text: "Model not found" }), el("p", {}, el("a", { href: "#/", text: "Back to the classifier" })));
+    return;
+  }
+  const classes = Array.isArray(app.classes) ? app.classes : [];
+  const metrics = (model.metrics && typeof model.metrics === "object" && model.metrics) || {};
+  const imgs = (model.images && typeof model.images === "object" && model.images) || {};
+  root.dataset.model = model.name;
+  root.append(
+    el("p", { class: "back" }, el("a", { href: "#/", text: "← Back to the classifier" })),
+    el(
+      "h2",
+      { class: "model-title" },
+      model.name,
+      model.champion ? el("span", { class: "champion-badge", text: "champion" }) : null,
+    ),
+    el(
+      "dl",
+      { class: "facts" },
+      el("dt", { text: "Rank" }), el("dd", { text: isNum(model.rank) ? `#${model.rank}` : "—" }),
+      el("dt", { text: "Weights" }), el("dd", { text: str(model.weights, "—") }),
+      el("dt", { text: "Training" }), el("dd", { text: str(model.training, "—") }),
+      el("dt", { text: "Input" }),
+      el("dd", { text: `${isNum(model.input_size) ? `${model.input_size}×${model.input_size}` : "?"} px, ${model.channels === 3 ? "RGB" : "grayscale"}` }),
+      el("dt", { text: "Download size" }), el("dd", { text: mb(model.bytes) }),
+    ),
+  );
+
+  const splits = ["test", "val"].filter((s) => metrics[s] && typeof metrics[s] === "object");
+  if (splits.length || isNum(model.test_accuracy) || isNum(model.val_accuracy)) {
+    const sec = el("section", { class: "metrics" }, el("h3", { text: "Metrics" }));
+    const labels = { test: "Test set", val: "Validation set" };
+    const useSplits = splits.length ? splits : ["test", "val"];
+    const rows = metricRows.bind(null);
+    const table = el(
+      "table",
+      { class: "metric-table summary" },
+      el("thead", {}, el("tr", {}, el("th", { text: "" }), ...useSplits.map((s) => el("th", { scope: "col", text: labels[s] })))),
+    );
+    const perSplit = useSplits.map((s) => rows(metrics[s] || { accuracy: model[`${s}_accuracy`] }, model, s));
+    const tbody = el("tbody");
+    perSplit[0].forEach(([rowLabel], i) => {
+      tbody.append(
+        el(
+          "tr",
+          {},
+          el("th", { scope: "row", text: rowLabel }),
+          ...perSplit.map((r) => el("td", {}, r[i][1], r[i][2] ? el("span", { class: "ci", text: r[i][2] }) : null)),
+        ),
+      );
+    });
+    table.append(tbody);
+    sec.append(el("div", { class: "table-scroll" }, table));
+    if (perSplit.some((r) => r.some((row) => row[2]))) sec.append(el("p", { class: "table-note", text: "Small print under a value: its 95% confidence interval." }));
+    for (const s of splits) {
+      const t = perClassTable(metrics[s], classes);
+      if (t) sec.append(el("h4", { text: `Per class — ${labels[s].toLowerCase()}` }), el("div", { class: "table-scroll" }, t));
+    }
+    if (metrics.test) {
+      const cm = confusionTable(metrics.test.confusion_matrix, classes);
+      if (cm) sec.append(el("h4", { text: "Confusion matrix — test set" }), cm);
+    }
+    root.append(sec);
+  }
+
+  const figs = [
+    figure(imgs.confusion_test, "Confusion matrix, test set", resolve),
+    figure(imgs.confusion_val, "Confusion matrix, validation set", resolve),
+    figure(imgs.curves, "Training curves (loss and accuracy per epoch)", resolve),
+  ].filter(Boolean);
+  if (figs.length) root.append(el("section", { class: "figures" }, el("h3", { text: "Figures" }), ...figs));
+
+  if (str(model.card_markdown)) {
+    root.append(el("section", { class: "card-md" }, el("h3", { text: "Model card" }), el("div", { class: "markdown", html: renderMarkdown(model.card_markdown) })));
+  }
+  const limits = Array.isArray(app.limits) ? app.limits.filter((x) => str(x)) : [];
+  if (limits.length) {
+    root.append(
+      el("section", { class: "limits" }, el("h3", { text: "Known limits of the data" }), el("ul", {}, ...limits.map((l) => el("li", { html: renderInline(l) })))),
+    );
+  }
+  if (str(app.disclaimer)) root.append(el("p", { class: "disclaimer", text: app.disclaimer }));
+}
