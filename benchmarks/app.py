@@ -78,15 +78,29 @@ def measure(url: str, models: list[str], image: Path) -> dict:
         per_model = {}
         for name in models:
             page.click(f"#model-list [data-model='{name}']")
-            times = []
+            times, walls = [], []
             for _ in range(1 + LATER):
                 page.evaluate("document.querySelector('#results')?.removeAttribute('data-state')")
+                t = time.perf_counter()
                 page.set_input_files("#file-input", str(image))
+                page.wait_for_function(
+                    """m => { const r = document.querySelector('#results'), w = document.querySelector('#ood-warning');
+                        return (r && r.dataset.state === 'done' && r.dataset.model === m) || (w && !w.hidden); }""",
+                    arg=name,
+                    timeout=120_000,
+                )
                 if page.is_visible("#classify-anyway"):
                     page.click("#classify-anyway")
                 page.wait_for_selector(f"#results[data-state='done'][data-model='{name}']", timeout=120_000)
+                walls.append(1000 * (time.perf_counter() - t))
                 times.append(float(page.get_attribute("#results", "data-infer-ms")))
-            per_model[name] = {"first_ms": times[0], "median_later_ms": statistics.median(times[1:])}
+            per_model[name] = {
+                "first_ms": times[0],
+                "median_later_ms": statistics.median(times[1:]),
+                # pick to probabilities on screen: decode, guard, preprocessing, model (and its loading, first)
+                "first_wall_ms": walls[0],
+                "median_later_wall_ms": statistics.median(walls[1:]),
+            }
         browser.close()
     return {"page_ready_s": ready_s, "models": per_model}
 
@@ -106,6 +120,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp:
         app = Path(tmp) / "runs" / run / "app"
         shutil.copytree(src, app)
+        # The page as it is built now (a stored bundle keeps the page of its day).
+        from covid_app.bundle import ensure_dist
+
+        shutil.copytree(ensure_dist(), app, dirs_exist_ok=True, ignore=shutil.ignore_patterns("sw.js", "*.map"))
         add_mobilenet_224(app)
         data = json.loads((app / "data/app.json").read_text())
         server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(open_store(tmp), f"runs/{run}/app"))
@@ -118,12 +136,18 @@ def main() -> None:
     write_json(res, OUT_DIR / "app.json")
     print(machine_line(res["machine"]))
     print(f"\nRun `{run}`; page ready (models listed): **{res['page_ready_s']:.2f} s** (goal <= 3 s)\n")
-    print("| model | input | TFLite MB | first prediction ms | median of 20 later ms | goal |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("Model run (LiteRT.js, WASM), and pick-to-probabilities on screen (decode, guard, preprocessing, model;")
+    print("the first one of each model includes loading it, the very first one the runtime too):\n")
+    print("| model | input | TFLite MB | first run ms | median of 20 later ms | first pick-to-result ms "
+          "| median later pick-to-result ms | goal (per prediction) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
     for name, t in res["models"].items():
         goal = "<= 100 ms" if name == EXTRA else "<= 1000 ms"
         b, size = sizes[name]
-        print(f"| {name} | {size} px | {b / 1e6:.1f} | {t['first_ms']:.0f} | {t['median_later_ms']:.1f} | {goal} |")
+        print(
+            f"| {name} | {size} px | {b / 1e6:.1f} | {t['first_ms']:.0f} | {t['median_later_ms']:.1f} "
+            f"| {t['first_wall_ms']:.0f} | {t['median_later_wall_ms']:.0f} | {goal} |"
+        )
 
 
 if __name__ == "__main__":

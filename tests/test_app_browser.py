@@ -377,7 +377,15 @@ def test_results_screenshot_at_phone_size(page, published):
     page.click("#explain")
     page.wait_for_selector("#heatmap[data-state='done']", timeout=120_000)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    # The results section's top just under the sticky header: what a person sees after picking.
+    page.evaluate(
+        """() => {
+            const top = document.querySelector('#results').closest('section') || document.querySelector('#results');
+            const bar = document.querySelector('header');
+            window.scrollTo(0, top.getBoundingClientRect().top + window.scrollY - (bar ? bar.offsetHeight : 0) - 8);
+        }"""
+    )
+    page.screenshot(path=str(SCREENSHOT))  # what the phone's screen shows
     from PIL import Image
 
     with Image.open(SCREENSHOT) as im:
