@@ -1,7 +1,7 @@
 """``python -m covid_models.train``: train and evaluate one model, without Prefect.
 
     python -m covid_models.train --model mobilenet_v2 --split <split.parquet URI> --out <store URI> \\
-        [--input-size 224] [--epochs 30] [--weights imagenet|none|PATH] ...
+        [--input-size 224] [--epochs 30] [--weights imagenet|scratch|PATH] ...
 """
 
 from __future__ import annotations

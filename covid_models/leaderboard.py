@@ -11,6 +11,7 @@ COLUMNS = [
     "rank",
     "model",
     "status",
+    "weights",
     "val_accuracy",
     "val_loss",
     "test_accuracy",
@@ -33,7 +34,8 @@ def _num(v: Any) -> float:
 
 def leaderboard(records: list[dict[str, Any]], rank_by: str = "val_accuracy") -> pd.DataFrame:
     """One row per model; succeeded models ranked by ``rank_by`` (validation accuracy, the
-    paper's choice), ties broken by validation loss, then by name; failed models last."""
+    paper's choice), ties broken by validation loss, then by name; failed and skipped models last,
+    with the reason in ``error``."""
     if rank_by.startswith("test"):
         raise ValueError(
             f"cannot rank by {rank_by!r}: ranking on the test split and then gating the champion on it is "
@@ -48,6 +50,7 @@ def leaderboard(records: list[dict[str, Any]], rank_by: str = "val_accuracy") ->
             {
                 "model": r["model"],
                 "status": r.get("status", "failed"),
+                "weights": r.get("weights_desc", ""),
                 "val_accuracy": _num(r.get("val_accuracy")) if ok else float("nan"),
                 "val_loss": _num(r.get("val_loss")) if ok else float("nan"),
                 "test_accuracy": _num(r.get("test_accuracy")) if ok else float("nan"),

@@ -31,6 +31,8 @@ def describe_weights(model: str, config: dict[str, Any], weights: dict[str, Any]
         start = "ImageNet weights" + (
             f" (sha256 {w['sha256'][:12]})" if w.get("sha256") not in (None, "download") else ""
         )
+    elif w.get("kind") == "scratch" or config.get("weights") == "scratch":
+        return "trained from scratch: random initialisation, every layer trained"
     elif w.get("kind") in ("none", None) or config.get("weights") == "none":
         start = "random initialisation"
     else:

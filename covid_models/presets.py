@@ -9,7 +9,8 @@
   held-out test set (80/10/10), so a paper run can be gated and promoted. ``split=(0.8, 0.2, 0)``
   reproduces the study's 80/20 exactly (and then cannot promote: nothing is left to judge on).
 
-:func:`model_configs` turns a preset into one resolved training config per model; each config's
+:func:`plan_models` turns a preset into one resolved training config per model that can train (and
+a skip record, with the reason, per transfer model without its ImageNet file); each config's
 ``out`` is the model's slot, keyed by covid_models.train_config.slot_key.
 """
 
@@ -27,7 +28,10 @@ class Preset:
     models: tuple[str, ...]
     input_size: int
     epochs: int
-    weights: str  # "imagenet" | "none" | "local-imagenet" (ImageNet where a local file exists, else none)
+    weights: str  # "imagenet" | "scratch": what the transfer models start from
+    # A transfer model whose ImageNet file is neither local nor downloadable: "skip" it (with the
+    # reason, naming the file), train it from "scratch" (every layer), or "fail" the run.
+    missing_weights: str = "skip"
     learning_rate: float = 1e-3
     head_learning_rate: float = 1e-4  # transfer heads (the flatten->dense head overfits at 1e-3)
     patience: int = 5
@@ -48,7 +52,8 @@ PRESETS: dict[str, Preset] = {
         models=("custom_cnn", "mobilenet_v2", "vgg16"),
         input_size=64,
         epochs=1,
-        weights="local-imagenet",
+        weights="imagenet",
+        missing_weights="scratch",  # three models whatever files exist, so the top-three conversion runs
         max_per_class=40,
         max_parallel=2,
         int8=False,
@@ -58,7 +63,8 @@ PRESETS: dict[str, Preset] = {
         models=MODEL_NAMES,
         input_size=128,
         epochs=30,
-        weights="local-imagenet",
+        weights="imagenet",
+        missing_weights="skip",
         max_parallel=1,
     ),
     "paper": Preset(
@@ -83,6 +89,82 @@ def get_preset(name: str, **changes: Any) -> Preset:
     return replace(preset, **changes) if changes else preset
 
 
+MISSING_WEIGHTS = ("skip", "scratch", "fail")
+
+
+def _starting_weights(preset: Preset, name: str, size: int, chosen: str | None) -> tuple[str | None, str | None]:
+    """(weights, skip reason) of one model under the preset's weights policy."""
+    from covid_models.weights import MissingWeightsError, local_imagenet
+
+    weights = chosen or preset.weights
+    if not is_transfer(name):
+        return "none", None
+    if weights != "imagenet":
+        return weights, None
+    try:
+        local_imagenet(name, size)
+        return "imagenet", None
+    except MissingWeightsError as e:
+        if preset.missing_weights == "scratch":
+            return "scratch", None
+        if preset.missing_weights == "fail":
+            raise
+        return None, f"skipped: {e}"
+
+
+def plan_models(
+    preset: Preset,
+    split_uri: str,
+    split_hash: str,
+    store: str,
+    models: list[str],
+    overrides: dict[str, dict[str, Any]] | None = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(configs, skipped): one resolved TrainConfig (as a dict) per model that can train, its ``out``
+    the model's slot in ``store`` (``models/<split hash>/<model>-<key>``, the key hashing everything
+    that decides the result); and a ``{"model", "status": "skipped", "error"}`` record per transfer
+    model whose ImageNet weights are missing under ``missing_weights="skip"``."""
+    from covid_data.store import open_store
+    from covid_models.train_config import TrainConfig, slot_key
+
+    if preset.missing_weights not in MISSING_WEIGHTS:
+        raise ValueError(f"missing_weights must be one of {MISSING_WEIGHTS}, not {preset.missing_weights!r}")
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(models))
+    if unknown:
+        raise ValueError(f"overrides name models that are not selected: {unknown}")
+    out, skipped = [], []
+    for name in models:
+        chosen = {**preset.overrides.get(name, {}), **overrides.get(name, {})}
+        size = chosen.get("input_size", preset.input_size)
+        weights, reason = _starting_weights(preset, name, size, chosen.get("weights"))
+        if reason:
+            skipped.append({"model": name, "status": "skipped", "error": reason, "out": None})
+            continue
+        from_scratch = weights == "scratch"
+        cfg = TrainConfig.from_dict(
+            {
+                "model": name,
+                "split": split_uri,
+                "out": "",
+                "input_size": preset.input_size,
+                "epochs": preset.epochs,
+                # heads on a pretrained backbone learn slower; whole networks at the preset's rate
+                "learning_rate": preset.head_learning_rate
+                if is_transfer(name) and not from_scratch
+                else preset.learning_rate,
+                "batch_size": preset.batch_size,
+                "patience": preset.patience,
+                "max_per_class": preset.max_per_class,
+                **chosen,
+                "weights": weights,  # as resolved by the policy
+            }
+        )
+        cfg.out = open_store(store).uri_for(f"models/{split_hash}/{name}-{slot_key(cfg)}")
+        out.append(asdict(cfg))
+    return out, skipped
+
+
 def model_configs(
     preset: Preset,
     split_uri: str,
@@ -91,37 +173,5 @@ def model_configs(
     models: list[str],
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One resolved TrainConfig (as a dict) per model, its ``out`` the model's slot in ``store``:
-    ``models/<split hash>/<model>-<key>``, the key hashing everything that decides the result."""
-    from covid_data.store import open_store
-    from covid_models.train_config import TrainConfig, slot_key
-    from covid_models.weights import has_local_imagenet
-
-    overrides = overrides or {}
-    unknown = sorted(set(overrides) - set(models))
-    if unknown:
-        raise ValueError(f"overrides name models that are not selected: {unknown}")
-    out = []
-    for name in models:
-        weights = preset.weights
-        if weights == "local-imagenet":
-            weights = "imagenet" if has_local_imagenet(name, preset.input_size) else "none"
-        cfg = TrainConfig.from_dict(
-            {
-                "model": name,
-                "split": split_uri,
-                "out": "",
-                "input_size": preset.input_size,
-                "epochs": preset.epochs,
-                "learning_rate": preset.head_learning_rate if is_transfer(name) else preset.learning_rate,
-                "batch_size": preset.batch_size,
-                "patience": preset.patience,
-                "weights": weights,
-                "max_per_class": preset.max_per_class,
-                **preset.overrides.get(name, {}),
-                **overrides.get(name, {}),
-            }
-        )
-        cfg.out = open_store(store).uri_for(f"models/{split_hash}/{name}-{slot_key(cfg)}")
-        out.append(asdict(cfg))
-    return out
+    """The configs of :func:`plan_models` (the models that can train)."""
+    return plan_models(preset, split_uri, split_hash, store, models, overrides)[0]

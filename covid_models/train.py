@@ -203,10 +203,17 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         raise ValueError(f"split {cfg.split} has no train rows")
 
     with choice.strategy.scope():
+        scratch_start = cfg.weights == "scratch"  # from random initialisation: every layer trains
         model = build_model(
-            cfg.model, input_size=cfg.input_size, channels=cfg.channels, weights=cfg.weights, trainable="frozen"
+            cfg.model,
+            input_size=cfg.input_size,
+            channels=cfg.channels,
+            weights="none" if scratch_start else cfg.weights,
+            trainable="all" if scratch_start else "frozen",
         )
-    use_features = is_transfer(cfg.model) and cfg.feature_cache and not cfg.augment and choice.kind != "tpu"
+    use_features = (
+        is_transfer(cfg.model) and not scratch_start and cfg.feature_cache and not cfg.augment and choice.kind != "tpu"
+    )
     augment = None
     if cfg.augment:
         from covid_models.augment import build_augmenter

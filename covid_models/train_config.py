@@ -41,7 +41,8 @@ HELP: dict[str, str] = {
     "batch_size": "global batch size (default: 16 per replica, as in the paper)",
     "patience": "early stopping patience in epochs on --monitor, best weights restored (0: off)",
     "monitor": "the validation quantity early stopping watches (val_loss or val_accuracy)",
-    "weights": "transfer backbones: imagenet, none (random initialisation) or a weights file path",
+    "weights": "transfer backbones: imagenet (head on the frozen backbone, then optional fine-tuning), scratch "
+    "(random initialisation, every layer trained) or a weights file path; none only for custom_cnn",
     "fine_tune_layers": "after the head converges, train the top N backbone layers (0: no fine-tuning)",
     "fine_tune_epochs": "epochs of the fine-tuning phase",
     "fine_tune_learning_rate": "learning rate of the fine-tuning phase",
@@ -67,7 +68,9 @@ class TrainConfig:
     batch_size: int | None = None  # default: 16 per replica (the paper)
     patience: int = 5  # early stopping on `monitor`, best weights restored; 0 = off
     monitor: str = "val_loss"
-    weights: str = "imagenet"  # "imagenet" | "none" | a weights file
+    # "imagenet" | "scratch" (random initialisation, every layer trained) | a weights file;
+    # "none" only for the custom CNN, which has no backbone
+    weights: str = "imagenet"
     fine_tune_layers: int = 0  # after the head converges, train the top N backbone layers ...
     fine_tune_epochs: int = 0  # ... for this many epochs ...
     fine_tune_learning_rate: float = 1e-5  # ... at this rate
@@ -81,6 +84,13 @@ class TrainConfig:
     def __post_init__(self):
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODEL_NAMES)}")
+        if is_transfer(self.model) and self.weights == "none":
+            # A head on a frozen random backbone learns next to nothing, and would be published as "vgg16".
+            raise ValueError(
+                f"weights='none' for {self.model} would train a head on a frozen random backbone: use "
+                "weights='imagenet' (with its file), weights='scratch' (random initialisation, every layer "
+                "trained) or a weights file"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -109,6 +119,8 @@ def resolve_weights(cfg: TrainConfig) -> dict[str, Any]:
 
     if not is_transfer(cfg.model) or cfg.weights == "none":
         return {"kind": "none", "file": None, "sha256": None}
+    if cfg.weights == "scratch":
+        return {"kind": "scratch", "file": None, "sha256": None}
     if cfg.weights == "imagenet":
         resolved = resolve_imagenet(cfg.model, cfg.input_size)
         if resolved == "imagenet":

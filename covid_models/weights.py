@@ -25,6 +25,18 @@ _KERAS_FILES = {
     "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
 }
 _MOBILENET_ROWS = (96, 128, 160, 192, 224)
+# Where Keras publishes each file: https://storage.googleapis.com/tensorflow/keras-applications/<folder>/<file>
+_KERAS_ORIGIN = "https://storage.googleapis.com/tensorflow/keras-applications"
+_KERAS_FOLDERS = {
+    "vgg16": "vgg16",
+    "vgg19": "vgg19",
+    "densenet169": "densenet",
+    "densenet201": "densenet",
+    "inception_v3": "inception_v3",
+    "inception_resnet_v2": "inception_resnet_v2",
+    "resnet50": "resnet",
+    "mobilenet_v2": "mobilenet_v2",
+}
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -88,3 +100,26 @@ def missing_weights(model: str, expected: Path, why: str) -> MissingWeightsError
         f"{expected.parent}, and {why}. Download it from Keras' weight store into that folder "
         f"(or set COVID_WEIGHTS_DIR to a folder that holds it), or pass weights=<path to a weights file>."
     )
+
+
+def local_imagenet(model: str, input_size: int) -> Path | None:
+    """The local file holding ``model``'s ImageNet weights, fetching Keras' file into the weights
+    folder first when none is there and downloads are allowed; None when there is none.
+
+    Raises :class:`MissingWeightsError` (naming the file and the folder) when the file is neither
+    here nor downloadable."""
+    folder = weights_dir()
+    names = keras_file_names(model, input_size)
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    if not download_allowed():
+        raise missing_weights(model, folder / names[0], "downloads are disabled (COVID_WEIGHTS_DOWNLOAD=0)")
+    import keras
+
+    url = f"{_KERAS_ORIGIN}/{_KERAS_FOLDERS[model]}/{names[0]}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return Path(keras.utils.get_file(names[0], url, cache_dir=str(folder), cache_subdir="."))
+    except Exception as e:  # no network, proxy, TLS, ...
+        raise missing_weights(model, folder / names[0], f"downloading it from {url} failed ({e})") from e

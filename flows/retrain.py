@@ -100,17 +100,19 @@ def retrain(
             max_group_share=max_group_share,
             kaggle_secret_block=kaggle_secret_block,
         )
-        configs = configure_models(p.to_dict(), data, store, selected, overrides or {})
+        plan = configure_models(p.to_dict(), data, store, selected, overrides or {})
+        configs = plan["configs"]
         clock.lap("prepare_data")
         records = _train_stage(dask_address)(
             configs, max_parallel or p.max_parallel, train_deployment, model_timeout_s, pickup_timeout_s
         )
+        records = [*records, *plan["skipped"]]  # on the leaderboard, with the reason
         clock.lap("train")
         board = rank_models(records, rank_by, run_id)
         top = _top_models(board["rows"], records, min(TOP_N, len(configs)))
         # The challenger as the champion registry records it, read from its model slot.
         candidate = candidate_record(run_id, top[0]["out"], preset=p.name) if top else None
-        trained_all = all(r["status"] in ("trained", "cached") for r in records)
+        trained_all = all(r["status"] in ("trained", "cached", "skipped") for r in records)
         blessing = bless_challenger(
             candidate,
             store,

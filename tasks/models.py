@@ -13,25 +13,33 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from covid_models.leaderboard import leaderboard, to_markdown
+from covid_models.model_card import describe_weights
 from covid_models.model_exports import ensure_exports, wanted_variants
-from covid_models.presets import Preset, model_configs
+from covid_models.presets import Preset, plan_models
 from covid_models.train import model_slot
 
 
 @task(name="configure-models")
 def configure_models(
     preset: dict[str, Any], data: dict[str, Any], store: str, models: list[str], overrides: dict[str, dict]
-) -> list[dict[str, Any]]:
-    """One resolved training config per model, each with its model slot in the store."""
+) -> dict[str, list[dict[str, Any]]]:
+    """``{"configs": [...], "skipped": [...]}``: one resolved training config per model that can
+    train, each with its model slot in the store, and a record per model skipped for want of its
+    ImageNet weights (with the reason, naming the file)."""
     p = Preset(**{**preset, "models": tuple(preset["models"]), "split": tuple(preset["split"])})
-    configs = model_configs(p, data["split"], data["split_hash"], store, models, overrides)
-    get_run_logger().info("model slots: %s", {c["model"]: c["out"] for c in configs})
-    return configs
+    configs, skipped = plan_models(p, data["split"], data["split_hash"], store, models, overrides)
+    log = get_run_logger()
+    log.info("model slots: %s", {c["model"]: c["out"] for c in configs})
+    for s in skipped:
+        log.warning("%s %s", s["model"], s["error"])
+    return {"configs": configs, "skipped": skipped}
 
 
 @task(name="rank-models")
 def rank_models(records: list[dict[str, Any]], rank_by: str, run_id: str) -> dict[str, Any]:
-    """The leaderboard, ranked on validation (a table artifact too)."""
+    """The leaderboard, ranked on validation (a table artifact too), with what each model started
+    from and what of it trained."""
+    records = [{**r, "weights_desc": _weights_desc(r)} for r in records]
     board = leaderboard(records, rank_by)
     rows = board.astype(object).where(board.notna(), None).to_dict("records")
     create_table_artifact(rows, key="leaderboard", description=f"retrain {run_id}: ranked by {rank_by}")
@@ -66,3 +74,11 @@ def export_model(
         "weights": stored.get("weights"),
         "variants": variants,
     }
+
+
+def _weights_desc(record: dict[str, Any]) -> str:
+    if record.get("status") not in ("trained", "cached"):
+        return ""
+    stored = model_slot(record["out"]).record() or {}
+    cfg = stored.get("config") or {}
+    return describe_weights(record["model"], cfg, stored.get("weights")) if cfg else ""

@@ -111,13 +111,15 @@ def finish_run(
     app: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report (file and ``retrain-report`` artifact), then ``run.json``, the run's marker."""
-    ok = all(r["status"] in ("trained", "cached") for r in records)
+    ok = all(r["status"] in ("trained", "cached", "skipped") for r in records)  # skipped: no weights file
     run = {
         "run_id": run_id,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "dataset": dataset,
         "preset": preset,
-        "succeeded": ok and bool(exports) and len(exports) == min(3, len(records)),
+        "succeeded": ok
+        and bool(exports)
+        and len(exports) == min(3, sum(r["status"] in ("trained", "cached") for r in records)),
         "models": models,
         "records": records,
         "exports": exports,

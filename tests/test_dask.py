@@ -56,7 +56,7 @@ def test_train_models_runs_the_trainings_on_dask_workers(prefect_server, cluster
                 input_size=32,
                 epochs=1,
                 patience=0,
-                weights="none",
+                weights="scratch",
                 max_per_class=4,
             )
         )
@@ -146,7 +146,7 @@ def test_a_terminated_flow_kills_its_trainings_on_the_dask_workers(prefect_serve
 
     configs = [
         asdict(TrainConfig(model=m, split=small_split, out=str(tmp_path / m), input_size=32, epochs=100_000,
-                           patience=0, weights="none", max_per_class=4))
+                           patience=0, weights="scratch", max_per_class=4))
         for m in ("custom_cnn", "vgg16")
     ]  # fmt: skip
     (tmp_path / "configs.json").write_text(json.dumps(configs))

@@ -55,7 +55,7 @@ def _config(model: str, out: Path, epochs: int, **kw: Any) -> dict[str, Any]:
     base = {
         "input_size": 32,
         "patience": 0,
-        "weights": "none",
+        "weights": "scratch",  # every layer trains (a frozen random backbone is refused)
         "max_per_class": 4,
         "cache_dir": str(out.parent / "cache"),
     }

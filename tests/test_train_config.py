@@ -16,7 +16,7 @@ from covid_models.train_config import TrainConfig, slot_key, training_identity
 
 
 def _cfg(**kw) -> TrainConfig:
-    return TrainConfig(**{"model": "mobilenet_v2", "split": "s", "out": "o", "weights": "none", **kw})
+    return TrainConfig(**{"model": "mobilenet_v2", "split": "s", "out": "o", "weights": "scratch", **kw})
 
 
 def test_key_hashes_resolved_settings_not_only_spelled_out_ones(monkeypatch):
