@@ -169,6 +169,7 @@ def build_app_bundle(
         tmp = Path(tmp)
         for rank, e in enumerate(exports, start=1):
             entry = _model_entry(e, rank, champion_uri)
+            entry["calibration"] = e.get("calibration")  # the .tflite carries its temperature
             tfl = e["variants"]["tflite"]
             local = _local(tfl["uri"], tmp / f"{e['model']}-stored.tflite")
             fixed = _fixed_batch_tflite(local, e["model_uri"], tmp / f"{e['model']}.tflite")

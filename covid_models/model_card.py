@@ -50,8 +50,9 @@ def model_card(
     config: dict[str, Any],
     dataset: dict[str, Any],
     weights: dict[str, Any] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> str:
-    """A short model card: intended use, data, metrics with confidence intervals, limits."""
+    """A short model card: intended use, data, metrics with confidence intervals, calibration, limits."""
 
     def pct(v: float) -> str:
         return f"{100 * v:.1f}%"
@@ -87,6 +88,7 @@ def model_card(
             f"({pct(s_lo)}-{pct(s_hi)}) | {pct(m['covid_specificity'])} ({pct(p_lo)}-{pct(p_hi)}) | {m['ece']:.3f} |"
         )
     lines += resolution_lines(metrics.get("test"))
+    lines += calibration_lines(calibration)
     lines += [
         "",
         "## Limits",
@@ -113,4 +115,27 @@ def resolution_lines(test: dict[str, Any] | None) -> list[str]:
         "models, each scored on its own test set, is not resolved. A challenger is compared with the champion on "
         "the same images instead, and McNemar's exact test on the images only one of them gets right says whether "
         "the difference is significant.",
+    ]
+
+
+def calibration_lines(cal: dict[str, Any] | None) -> list[str]:
+    """What temperature scaling did, on validation (where it was fitted) and on test."""
+    if not cal:
+        return []
+    t = float(cal["temperature"])
+    rows = [
+        f"| {split} (n={cal[split]['n']}) | {cal[split]['ece_before']:.3f} | {cal[split]['ece_after']:.3f} |"
+        for split in ("val", "test")
+        if cal.get(split)
+    ]
+    return [
+        "",
+        "## Calibration",
+        f"Temperature scaling, T = {t:.3f} ({cal.get('note', 'fitted on validation')}). The published files "
+        "(Core ML, TFLite, the phone app) give the calibrated probabilities; the predicted class, and so every "
+        "accuracy figure, is unchanged. Expected calibration error (15 bins):",
+        "",
+        "| split | ECE before | ECE after |",
+        "|---|---|---|",
+        *rows,
     ]

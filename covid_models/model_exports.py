@@ -97,10 +97,24 @@ def ensure_exports(
     metrics: dict[str, Any],
     parity_images: int = 32,
     max_per_class: int | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, dict[str, Any]]:
-    """``{variant: record}`` for each wanted variant, converting only those not yet complete."""
+    """``{variant: record}`` for each wanted variant, converting only those not yet complete.
+
+    ``temperature`` (covid_models.calibration) is built into the exported graph, so every format
+    gives calibrated probabilities."""
     slots = {v: export_slot(model_uri, v) for v in variants}
     records = {v: s.record() for v, s in slots.items()}
+    for v, r in records.items():
+        if r is not None and abs(float(r.get("temperature", 1.0)) - temperature) > 1e-9:
+            log.warning(
+                "the stored %s export of %s has temperature %s, not %.4f: it is kept (complete exports are never "
+                "rewritten)",
+                v,
+                model_uri,
+                r.get("temperature", 1.0),
+                temperature,
+            )
     todo = [v for v, r in records.items() if r is None]
     if not todo:
         log.info("exports %s of %s are already stored: not converted again", variants, model_uri)
@@ -112,14 +126,16 @@ def ensure_exports(
         raise FileNotFoundError(f"{model_uri} holds no complete model (no metrics.json): nothing to export")
     cfg = stored["config"]
     name = cfg["model"]
-    model = load_trained_model(open_store(model_uri).uri_for("model.keras"))
+    from covid_models.calibration import calibrated_model
+
+    model = calibrated_model(load_trained_model(open_store(model_uri).uri_for("model.keras")), temperature)
     images = _test_images(split_uri, cfg["input_size"], cfg["channels"], parity_images, max_per_class)
     for v in todo:
         with tempfile.TemporaryDirectory(prefix=f"export-{v}-") as tmp:
             rec = _convert(v, model, name, Path(tmp), version=version, metrics=metrics, images=images)
             slot = slots[v]
             slot.put_tree(rec["file"], Path(tmp) / rec["file"])
-            slot.complete({"variant": v, "model": name, "version": version, **rec})
+            slot.complete({"variant": v, "model": name, "version": version, "temperature": temperature, **rec})
         records[v] = slot.record()
         log.info("exported %s as %s: %.1f MB", name, v, records[v]["bytes"] / 1e6)
     return {v: _with_uri(slots[v], r) for v, r in records.items()}

@@ -12,6 +12,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
+from covid_models.calibration import ensure_calibration
 from covid_models.leaderboard import leaderboard, to_markdown
 from covid_models.model_card import describe_weights
 from covid_models.model_exports import ensure_exports, wanted_variants
@@ -54,6 +55,7 @@ def export_model(
     stored beside it; formats already stored are reused."""
     metrics = {k: record[k] for k in ("val_accuracy", "test_accuracy", "test_macro_f1", "test_covid_sensitivity")}
     version = "/".join(record["out"].rstrip("/").rsplit("/", 2)[-2:])  # split hash / model-key
+    calibration = ensure_calibration(record["out"], split_uri, max_per_class)
     variants = ensure_exports(
         record["out"],
         wanted_variants(int8),
@@ -61,6 +63,7 @@ def export_model(
         version=version,
         metrics={k: v for k, v in metrics.items() if v is not None},
         max_per_class=max_per_class,
+        temperature=calibration["temperature"],
     )
     stored = model_slot(record["out"]).record() or {}
     get_run_logger().info(
@@ -73,6 +76,7 @@ def export_model(
         "config": stored.get("config", {}),
         "weights": stored.get("weights"),
         "variants": variants,
+        "calibration": calibration,
     }
 
 

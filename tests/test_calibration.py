@@ -1,0 +1,102 @@
+"""Temperature scaling: fitted on validation, never worse there, and carried by the exports."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from covid_models.calibration import (
+    apply_temperature,
+    calibrate,
+    calibrated_model,
+    ensure_calibration,
+    fit_temperature,
+)
+from covid_models.evaluate import expected_calibration_error
+
+
+def _overconfident(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """70% right, always ~99% sure: the textbook case for T > 1."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 4, n)
+    pred = np.where(rng.random(n) < 0.7, y, (y + rng.integers(1, 4, n)) % 4)
+    logits = rng.normal(0, 0.3, (n, 4))
+    logits[np.arange(n), pred] += 5.0
+    p = np.exp(logits)
+    return p / p.sum(1, keepdims=True), y
+
+
+def test_temperature_one_is_the_identity_and_the_class_never_changes():
+    p, _ = _overconfident()
+    np.testing.assert_allclose(apply_temperature(p, 1.0), p, atol=1e-9)
+    for t in (0.5, 2.0, 7.0):
+        q = apply_temperature(p, t)
+        np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-12)
+        assert (q.argmax(1) == p.argmax(1)).all()
+
+
+def test_overconfident_model_gets_a_temperature_above_one_and_a_lower_ece():
+    p, y = _overconfident()
+    t = fit_temperature(p, y)
+    assert t > 1.5
+    assert expected_calibration_error(apply_temperature(p, t), y) < 0.5 * expected_calibration_error(p, y)
+    # fitted on one half, it carries to the other (no peeking)
+    q, z = _overconfident(seed=1)
+    assert expected_calibration_error(apply_temperature(q, t), z) < expected_calibration_error(q, z)
+
+
+def test_a_temperature_that_would_raise_validation_ece_is_not_applied():
+    # Calibrated already, by construction: 3 of 4 right at confidence 0.75 in every bin it uses.
+    y = np.zeros(8, dtype=int)
+    p = np.tile([0.75, 0.25 / 3, 0.25 / 3, 0.25 / 3], (8, 1))
+    p[:2] = [0.25 / 3, 0.75, 0.25 / 3, 0.25 / 3]
+    t, note = calibrate(p, y)
+    after = expected_calibration_error(apply_temperature(p, t), y)
+    assert after <= expected_calibration_error(p, y) + 1e-12
+    assert t == 1.0 or "fitted" in note
+
+
+@pytest.fixture(scope="module")
+def trained(small_split, tmp_path_factory):
+    from covid_models.train import TrainConfig, train_model
+
+    out = tmp_path_factory.mktemp("cal") / "custom_cnn"
+    cfg = TrainConfig(model="custom_cnn", split=small_split, out=str(out), input_size=32, epochs=3, patience=0,
+                      weights="none", verbose=0)  # fmt: skip
+    train_model(cfg)
+    return str(out), small_split
+
+
+def test_real_model_validation_ece_does_not_get_worse_and_is_stored_once(trained):
+    model_uri, split = trained
+    rec = ensure_calibration(model_uri, split)
+    assert rec["val"]["ece_after"] <= rec["val"]["ece_before"] + 1e-12
+    assert rec["val"]["nll_after"] <= rec["val"]["nll_before"] + 1e-9  # what the fit minimises
+    assert rec["test"]["n"] > 0 and 0.05 <= rec["temperature"] <= 20
+    assert ensure_calibration(model_uri, split) == rec  # complete: read back, not refitted
+
+
+def test_exports_carry_the_temperature(trained, tmp_path):
+    from covid_models.data import image_dataset, load_split_data
+    from covid_models.model_exports import ensure_exports
+    from covid_models.train import load_trained_model
+
+    model_uri, split = trained
+    t = 2.5  # any temperature: the TFLite file must give exactly the scaled Keras probabilities
+    both = ensure_exports(model_uri, ["coreml", "tflite"], split_uri=split, version="t", metrics={}, temperature=t)
+    assert both["coreml"]["temperature"] == t and both["coreml"]["checks"]["labels"][0] == "COVID"
+    v = both["tflite"]
+    assert v["temperature"] == t and v["checks"]["max_prob_diff"] < 1e-5
+    import tensorflow as tf
+
+    model = load_trained_model(f"{model_uri}/model.keras")
+    x = next(iter(image_dataset(load_split_data(split), "test", size=32, channels=1, batch_size=4)))[0].numpy()
+    it = tf.lite.Interpreter(model_path=v["uri"])
+    it.allocate_tensors()
+    got = []
+    for img in x:
+        it.set_tensor(it.get_input_details()[0]["index"], img[None])
+        it.invoke()
+        got.append(it.get_tensor(it.get_output_details()[0]["index"])[0])
+    np.testing.assert_allclose(got, apply_temperature(model.predict(x, verbose=0), t), atol=1e-5)
+    assert calibrated_model(model, 1.0) is model
