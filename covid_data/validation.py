@@ -2,7 +2,8 @@
 
 What is checked (each expectation names what it guards in its ``meta``):
 
-* exactly the four classes, each present;
+* exactly the four classes, each present (under ``missing_classes="allow"``, the ``external``
+  profile for someone else's labelled set: no class other than the four, and a class may be absent);
 * per-class image counts within the profile's bounds;
 * every file decodes as an image (``error`` is null); under the ``exclude`` policy a small
   fraction may fail, and those files are listed and left out of the split;
@@ -40,6 +41,8 @@ class ValidationConfig:
     unreadable: Literal["exclude", "fail"] = "exclude"
     # Under "exclude": more undecodable files than this fraction still fails the run.
     max_unreadable_fraction: float = 0.01
+    # "allow": a class with no images passes (and is reported); for external evaluation sets.
+    missing_classes: Literal["fail", "allow"] = "fail"
 
     @classmethod
     def around(cls, counts: dict[str, int], tolerance: float, **kw: Any) -> ValidationConfig:
@@ -47,7 +50,10 @@ class ValidationConfig:
         return cls(class_bounds=bounds, **kw)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        d = asdict(self)
+        if d["missing_classes"] == "fail":  # the default leaves the fingerprints of earlier profiles as they were
+            del d["missing_classes"]
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
 PROFILES: dict[str, ValidationConfig] = {
@@ -57,6 +63,14 @@ PROFILES: dict[str, ValidationConfig] = {
     "shared-sample": ValidationConfig.around(SHARED_SAMPLE_COUNTS, 0.02),
     # Any non-empty class: for seeded sub-samples and experiments.
     "any": ValidationConfig(class_bounds={c: (1, 10**9) for c in CLASSES}),
+    # Someone else's labelled set, scored by `python -m flows.evaluate`: any size, any class may be
+    # absent (reported), unknown class folders and undecodable files are reported and left out.
+    "external": ValidationConfig(
+        class_bounds={c: (0, 10**9) for c in CLASSES},
+        image_size=None,
+        max_unreadable_fraction=1.0,
+        missing_classes="allow",
+    ),
 }
 
 
@@ -137,6 +151,12 @@ def _expectations(cfg: ValidationConfig, n_rows: int) -> list[tuple[Any, str, st
             E.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=list(CLASSES)),
             "exactly the four classes, each present",
             "critical",
+        )
+        if cfg.missing_classes == "fail"
+        else (
+            E.ExpectColumnValuesToBeInSet(column="label", value_set=list(CLASSES)),
+            "only the four classes (a class may be absent; other class folders are left out)",
+            "warning",
         ),
     ]
     for label, (lo, hi) in sorted(cfg.class_bounds.items()):
@@ -217,7 +237,10 @@ def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig) -> Validati
         observed = res.get("observed_value")
         if observed is None and "unexpected_count" in res:
             observed = f"{res['unexpected_count']} offending rows"
-        if r.expectation_config.type == "expect_column_distinct_values_to_equal_set":
+        if r.expectation_config.type in (
+            "expect_column_distinct_values_to_equal_set",
+            "expect_column_values_to_be_in_set",
+        ):
             present = sorted(map(str, df["label"].unique()))
             unknown = df[~df["label"].isin(CLASSES)]
             observed = (

@@ -81,6 +81,67 @@ function figure(src, caption, resolve) {
   );
 }
 
+// "Where the model looks": the run's Grad-CAM gallery (PNG overlays computed by the pipeline) and the
+// shortcut score, the share of the Grad-CAM heat outside the lungs (lung masks) or in the border band.
+function shortcutParts(sc) {
+  if (!sc || typeof sc !== "object" || !isNum(sc.score)) return null;
+  const masks = sc.method === "lung masks";
+  const where = masks ? "outside the lung masks" : "in the outer border band of the image, where text markers and collimation edges sit";
+  const base = isNum(sc.baseline) ? sc.baseline : null;
+  const verdict =
+    base === null
+      ? ""
+      : sc.score < 0.5 * base
+        ? " This model's score is well below that: it looks mostly at the lungs."
+        : " This model's score is near or above that: it may rely on shortcuts such as markers and edges rather than the lungs; look at the pictures.";
+  return {
+    value: `${sc.score.toFixed(2)}${base === null ? "" : ` (uniform map: ${base.toFixed(2)})`}`,
+    meaning: `The share of the model's attention (Grad-CAM heat) ${where}: lower is better. A map spread evenly over the image scores the uniform-map value.${verdict}`,
+  };
+}
+
+function gradcamSection(model, imgs, resolve) {
+  const list = Array.isArray(imgs.gradcam) ? imgs.gradcam : [];
+  const items = list
+    .map((g) => (typeof g === "string" ? { src: g, caption: "" } : g && typeof g === "object" ? { src: g.src || g.path, caption: str(g.caption) } : null))
+    .filter((g) => g && str(g.src));
+  const sc = shortcutParts(model.shortcut);
+  if (!items.length && !sc) return null;
+  const sec = el("section", { class: "gradcam" }, el("h3", { text: "Where the model looks" }));
+  if (sc) {
+    sec.append(
+      el(
+        "dl",
+        { class: "facts shortcut" },
+        el("dt", { text: "Shortcut score" }), el("dd", { class: "shortcut-score", text: sc.value }),
+        el("dt", { text: "Measured with" }), el("dd", { text: str(model.shortcut.method, "—") }),
+      ),
+      el("p", { class: "shortcut-meaning", text: sc.meaning }),
+    );
+  }
+  if (items.length) {
+    sec.append(
+      el("p", {
+        class: "table-note",
+        text: "Grad-CAM on fixed test images, right and wrong predictions per class: red is where the predicted class's evidence is strongest. Each picture's title gives the true class, the predicted one and its probability.",
+      }),
+      el(
+        "div",
+        { class: "gradcam-grid" },
+        ...items.map((g) =>
+          el(
+            "figure",
+            { class: "figure gradcam-item" },
+            el("img", { src: resolve(g.src), alt: g.caption || `Grad-CAM of ${model.name}`, loading: "lazy", decoding: "async" }),
+            g.caption ? el("figcaption", { text: g.caption }) : null,
+          ),
+        ),
+      ),
+    );
+  }
+  return sec;
+}
+
 export function renderModelPage(root, model, app, resolve) {
   root.replaceChildren();
   if (!model) {
@@ -155,6 +216,8 @@ export function renderModelPage(root, model, app, resolve) {
     figure(imgs.curves, "Training curves (loss and accuracy per epoch)", resolve),
   ].filter(Boolean);
   if (figs.length) root.append(el("section", { class: "figures" }, el("h3", { text: "Figures" }), ...figs));
+  const looks = gradcamSection(model, imgs, resolve);
+  if (looks) root.append(looks);
 
   if (str(model.card_markdown)) {
     root.append(el("section", { class: "card-md" }, el("h3", { text: "Model card" }), el("div", { class: "markdown", html: renderMarkdown(model.card_markdown) })));
