@@ -150,11 +150,13 @@ def build_app_bundle(
     guard: dict[str, Any] | None,
     guard_note: str | None = None,
     champion_uri: str | None = None,
+    explain: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write ``runs/<run id>/app/`` (if not complete yet) from the run's exports; its record.
 
     ``exports`` are the run's top models in rank order (records of ``ensure_exports``);
-    ``champion_uri`` marks the model slot that is the champion. Raises :class:`AppBuildUnavailable`
+    ``champion_uri`` marks the model slot that is the champion; ``explain`` (tasks.explain records)
+    adds each model's Grad-CAM gallery and shortcut score to its page. Raises :class:`AppBuildUnavailable`
     when the page cannot be built here.
     """
     unit = app_unit(store_uri, run_id)
@@ -164,12 +166,22 @@ def build_app_bundle(
     dist = ensure_dist()
     store = open_store(store_uri)
     run = f"runs/{run_id}"
+    explained = {x["model"]: x for x in explain or []}
     models = []
     with tempfile.TemporaryDirectory(prefix="app-bundle-") as tmp:
         tmp = Path(tmp)
         for rank, e in enumerate(exports, start=1):
             entry = _model_entry(e, rank, champion_uri)
             entry["calibration"] = e.get("calibration")  # the .tflite carries its temperature
+            x = explained.get(e["model"])
+            if x and not x.get("error"):
+                entry["images"]["gradcam"] = []
+                for g, rel in zip(x["gallery"], x["images"], strict=True):
+                    dest = f"models/{e['model']}/gradcam/{g['file']}"
+                    unit.put_file(dest, _local(store.uri_for(f"{run}/{rel}"), tmp / f"{e['model']}-{g['file']}"))
+                    caption = f"true {g['true']} / predicted {g['predicted']} ({g['probability']:.2f})"
+                    entry["images"]["gradcam"].append({"src": dest, "caption": caption})
+                entry["shortcut"] = {"score": x["shortcut_score"], "baseline": x["baseline"], "method": x["method"]}
             tfl = e["variants"]["tflite"]
             local = _local(tfl["uri"], tmp / f"{e['model']}-stored.tflite")
             fixed = _fixed_batch_tflite(local, e["model_uri"], tmp / f"{e['model']}.tflite")

@@ -90,6 +90,7 @@ def ensure_bundle(store_uri: str, run_id: str) -> dict[str, Any]:
         guard=guard,
         guard_note=note,
         champion_uri=champ["model_uri"] if champ else None,
+        explain=run.get("explain"),
     )
 
 

@@ -428,3 +428,22 @@ def bless(
         champion,
         cmp,
     )
+
+
+def external_gate(
+    blessing: dict[str, Any] | None, externals: list[dict[str, Any]], floor: float | None
+) -> dict[str, Any] | None:
+    """The blessing, withdrawn when the challenger's accuracy on an external set is below ``floor``
+    (rule ``external_floor``). ``externals`` are the challenger's evaluations (external_eval.summary)."""
+    if blessing is None or floor is None or not blessing.get("blessed"):
+        return blessing
+    low = [e for e in externals if e.get("accuracy") is None or e["accuracy"] < floor]
+    if not low:
+        return {**blessing, "external": [{"source": e["source"], "accuracy": e["accuracy"]} for e in externals]}
+    worst = ", ".join(f"{e['source']}: {_fmt(e.get('accuracy'))} (n={e.get('n')})" for e in low)
+    return {
+        **blessing,
+        "blessed": False,
+        "rule": "external_floor",
+        "reason": f"external accuracy below the floor {floor:.4f} on {worst}",
+    }

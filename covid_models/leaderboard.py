@@ -79,7 +79,19 @@ def leaderboard(records: list[dict[str, Any]], rank_by: str = "val_accuracy") ->
 _DECIMALS = {"file_mb": 1, "train_seconds": 0}
 
 
-def to_markdown(board: pd.DataFrame) -> str:
+def with_columns(board: dict[str, Any], values: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The leaderboard record (``rows``, ``markdown``) with extra columns per model (external sets,
+    shortcut scores), added after the ranking: they never change it."""
+    extra = list(dict.fromkeys(c for v in values.values() for c in v))
+    rows = [{**r, **{c: values.get(r["model"], {}).get(c) for c in extra}} for r in board["rows"]]
+    known = [c for c in board["rows"][0] if c in rows[0]] if rows else list(COLUMNS)
+    cols = [*known, *[c for c in extra if c not in known]]
+    return {**board, "rows": rows, "markdown": to_markdown(pd.DataFrame(rows, columns=cols), cols)}
+
+
+def to_markdown(board: pd.DataFrame, columns: list[str] | None = None) -> str:
+    columns = columns or COLUMNS
+
     def fmt(col: str, v: Any) -> str:
         if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
             return ""
@@ -89,5 +101,5 @@ def to_markdown(board: pd.DataFrame) -> str:
             return f"{v:.{_DECIMALS.get(col, 4)}f}"
         return str(v).replace("|", "\\|")
 
-    head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
-    return head + "".join("| " + " | ".join(fmt(c, row[c]) for c in COLUMNS) + " |\n" for _, row in board.iterrows())
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return head + "".join("| " + " | ".join(fmt(c, row[c]) for c in columns) + " |\n" for _, row in board.iterrows())

@@ -82,7 +82,9 @@ def write_run_folder(
             keys = src.list(prefix)
             _copy_objects(src, keys, unit, lambda k, m=e["model"], v=variant: f"exports/{m}/{k.split('/', 2)[2]}")
         stored = json.loads(src.read_text("metrics.json"))
-        card = model_card(e["model"], stored["metrics"], stored["config"], card_data, stored.get("weights"))
+        card = model_card(
+            e["model"], stored["metrics"], stored["config"], card_data, stored.get("weights"), e.get("calibration")
+        )
         card = with_card_section(card, card_lines(explained.get(e["model"])))
         unit.put_text(f"model_cards/{e['model']}.md", card)
     if blessing is not None:

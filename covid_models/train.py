@@ -215,7 +215,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         is_transfer(cfg.model) and not scratch_start and cfg.feature_cache and not cfg.augment and choice.kind != "tpu"
     )
     augment = None
-    if cfg.augment:
+    if cfg.augment or cfg.fine_tune_augment:
         from covid_models.augment import build_augmenter
 
         augment = build_augmenter(cfg.seed)
@@ -229,7 +229,15 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     else:
         with choice.strategy.scope():
             _train_on_images(
-                model, cfg, data, cache, batch, backup, epochs=cfg.epochs, lr=cfg.learning_rate, augment=augment
+                model,
+                cfg,
+                data,
+                cache,
+                batch,
+                backup,
+                epochs=cfg.epochs,
+                lr=cfg.learning_rate,
+                augment=augment if cfg.augment else None,
             )
         probs = None
     history = backup.history

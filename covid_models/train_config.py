@@ -46,7 +46,9 @@ HELP: dict[str, str] = {
     "fine_tune_layers": "after the head converges, train the top N backbone layers (0: no fine-tuning)",
     "fine_tune_epochs": "epochs of the fine-tuning phase",
     "fine_tune_learning_rate": "learning rate of the fine-tuning phase",
-    "augment": "random flips, rotations, zoom and contrast on training images",
+    "augment": "augment training images in every phase: small rotations, shifts and zoom; contrast, gamma, blur and "
+    "sharpening (the look of other scanners)",
+    "fine_tune_augment": "augment only in the fine-tuning phase (the head still trains on cached features)",
     "feature_cache": "frozen backbone without augmentation: train the head on cached backbone features",
     "max_per_class": "at most this many images per class and split (quick runs; the test set is then capped)",
     "cache_dir": "local cache of decoded images, features and staged files (default ~/.cache/covid-xray)",
@@ -75,6 +77,7 @@ class TrainConfig:
     fine_tune_epochs: int = 0  # ... for this many epochs ...
     fine_tune_learning_rate: float = 1e-5  # ... at this rate
     augment: bool = False
+    fine_tune_augment: bool = False  # augmentation in the fine-tuning phase only
     feature_cache: bool = True  # frozen backbone, no augmentation: train the head on cached features
     max_per_class: int | None = None  # at most this many images per class and split (quick runs)
     cache_dir: str | None = None

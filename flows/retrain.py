@@ -16,12 +16,15 @@ from prefect import flow, get_run_logger, runtime
 
 from covid_data.split import SplitConfig
 from covid_data.store import open_store
-from covid_models.bless import candidate_record
+from covid_models.bless import candidate_record, external_gate
 from covid_models.builders import MODEL_NAMES
+from covid_models.leaderboard import with_columns
 from covid_models.presets import PRESETS, get_preset
 from flows.prepare_data import DEFAULT_SOURCE, DEFAULT_STORE, add_data_arguments, data_settings, prepare_data
 from tasks.app import build_app
 from tasks.credentials import DEFAULT_SECRET_BLOCK
+from tasks.evaluation import evaluate_external
+from tasks.explain import explain_models
 from tasks.fanout import train_models
 from tasks.locks import store_run_lock
 from tasks.models import configure_models, export_model, rank_models
@@ -75,6 +78,8 @@ def retrain(
     kaggle_secret_block: str | None = DEFAULT_SECRET_BLOCK,
     model_timeout_s: float | None = None,
     pickup_timeout_s: float | None = 600,
+    external_sources: list[str] | None = None,
+    external_floor: float | None = None,
 ) -> dict[str, Any]:
     """Retrain, rank on validation, bless against the champion, export the top three, publish.
 
@@ -110,6 +115,8 @@ def retrain(
         clock.lap("train")
         board = rank_models(records, rank_by, run_id)
         top = _top_models(board["rows"], records, min(TOP_N, len(configs)))
+        externals = _external_evaluations(records, external_sources or [], store, kaggle_secret_block)
+        board = with_columns(board, _external_columns(externals, external_sources or []))
         # The challenger as the champion registry records it, read from its model slot.
         candidate = candidate_record(run_id, top[0]["out"], preset=p.name) if top else None
         trained_all = all(r["status"] in ("trained", "cached", "skipped") for r in records)
@@ -121,14 +128,19 @@ def retrain(
             floor=covid_sensitivity_floor,
             require_significance=require_significance,
         )
+        if candidate is not None:
+            blessing = external_gate(blessing, externals.get(candidate["model"], []), external_floor)
         clock.lap("bless")
         exports = _export_all(top, data["split"], p.int8 if int8 is None else int8, p.max_per_class)
         clock.lap("export")
         exports_ok = len(exports) == len(top) == min(TOP_N, len(configs))
-        models_published = publish_run(store, run_id, data, board, records, exports, blessing)
+        explain = explain_models(store, run_id, data["split"], top, max_per_class=p.max_per_class)
+        board = with_columns(board, _shortcut_columns(explain))
+        clock.lap("explain")
+        models_published = publish_run(store, run_id, data, board, records, exports, blessing, explain)
         decision = promote_champion(store, candidate, exports, blessing, exports_ok)
         clock.lap("publish")
-        app_state = build_app(store, run_id, data, exports, return_state=True)
+        app_state = build_app(store, run_id, data, exports, explain, return_state=True)
         app = app_state.result() if app_state.is_completed() else {"status": "failed", "reason": app_state.message}
         clock.lap("app")
         run = finish_run(
@@ -144,6 +156,8 @@ def retrain(
             decision,
             clock.seconds,
             app,
+            explain=explain,
+            externals=externals,
         )
     if len(top) < min(TOP_N, len(configs)):
         failures = [(r["model"], str(r.get("error"))[:200]) for r in records if r["status"] == "failed"]
@@ -215,6 +229,45 @@ def _train_stage(dask_address: str | None):
     return train_stage.with_options(task_runner=DaskTaskRunner(address=dask_address))
 
 
+def _external_evaluations(
+    records: list[dict], sources: list[str], store: str, kaggle_secret_block: str | None
+) -> dict[str, list[dict[str, Any]]]:
+    """``{model: [evaluation summary per source]}`` for every model that trained (each evaluation is
+    stored once under ``evaluations/`` and reused by later runs)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        if r["status"] not in ("trained", "cached"):
+            continue
+        out[r["model"]] = [
+            evaluate_external(r["out"], src, store, kaggle_secret_block=kaggle_secret_block) for src in sources
+        ]
+    return out
+
+
+def _external_columns(externals: dict[str, list[dict]], sources: list[str]) -> dict[str, dict[str, Any]]:
+    """One column group per external set: ``ext<i>_accuracy``, ``ext<i>_covid_sensitivity``, ``ext<i>_n``."""
+    cols: dict[str, dict[str, Any]] = {}
+    for model, evals in externals.items():
+        for i, e in enumerate(evals, start=1):
+            cols.setdefault(model, {}).update(
+                {
+                    f"ext{i}_accuracy": e.get("accuracy"),
+                    f"ext{i}_covid_sensitivity": e.get("covid_sensitivity"),
+                    f"ext{i}_n": e.get("n"),
+                }
+            )
+    return cols
+
+
+def _shortcut_columns(explain: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The shortcut score beside what a uniform map scores (see covid_models.gradcam)."""
+    return {
+        x["model"]: {"shortcut (uniform)": f"{x['shortcut_score']:.2f} ({x['baseline']:.2f})"}
+        for x in explain or []
+        if x.get("shortcut_score") is not None
+    }
+
+
 def _top_models(rows: list[dict], records: list[dict], n: int) -> list[dict[str, Any]]:
     by_model = {r["model"]: r for r in records}
     ok = [by_model[r["model"]] for r in rows if r["status"] in ("trained", "cached")]
@@ -279,6 +332,20 @@ def main(argv: list[str] | None = None) -> None:
         default=600,
         help="with --train-deployment: how long a child run may wait for a worker",
     )
+    ap.add_argument(
+        "--external-source",
+        dest="external_sources",
+        action="append",
+        default=None,
+        help="a labelled set from elsewhere (folder, .zip, kaggle:...) every trained model is scored on: one "
+        "leaderboard column group per set (repeatable)",
+    )
+    ap.add_argument(
+        "--external-floor",
+        type=float,
+        default=None,
+        help="promotion needs at least this accuracy on every external set (default: no gate)",
+    )
     a = ap.parse_args(argv)
     out = retrain(
         source=a.source,
@@ -299,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         **data_settings(a),
         model_timeout_s=a.model_timeout_s,
         pickup_timeout_s=a.pickup_timeout_s,
+        external_sources=a.external_sources,
+        external_floor=a.external_floor,
     )
     print(json.dumps({k: out[k] for k in ("run_id", "run", "champion")}, indent=2, default=str))
 

@@ -22,6 +22,7 @@ def build_app(
     run_id: str,
     dataset: dict[str, Any],
     exports: list[dict[str, Any]],
+    explain: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """``{"status": "built"|"skipped"|"failed", ...}``: the bundle's record, or why there is none."""
     log = get_run_logger()
@@ -42,6 +43,7 @@ def build_app(
             guard=guard,
             guard_note=note,
             champion_uri=champion["model_uri"] if champion else None,
+            explain=explain,
         )
     except AppBuildUnavailable as e:
         log.warning("%s", e)

@@ -60,6 +60,7 @@ def publish_run(
     records: list[dict[str, Any]],
     exports: list[dict[str, Any]],
     blessing: dict[str, Any] | None,
+    explain: list[dict[str, Any]] | None = None,
 ) -> dict[str, str]:
     """Copy the run's models, exports, model cards and leaderboard into ``runs/<run id>/``."""
     return write_run_folder(
@@ -71,6 +72,7 @@ def publish_run(
         records=records,
         exports=exports,
         blessing=blessing,
+        explain=explain,
     )
 
 
@@ -109,6 +111,9 @@ def finish_run(
     decision: dict[str, Any] | None,
     seconds: dict[str, float],
     app: dict[str, Any] | None = None,
+    *,
+    explain: list[dict[str, Any]] | None = None,
+    externals: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The report (file and ``retrain-report`` artifact), then ``run.json``, the run's marker."""
     ok = all(r["status"] in ("trained", "cached", "skipped") for r in records)  # skipped: no weights file
@@ -127,8 +132,10 @@ def finish_run(
         "champion": decision,
         "seconds": seconds,  # per stage, up to publishing
         "app": app,
+        "explain": explain,
+        "external": externals or {},
     }
-    report = report_markdown(run, board["markdown"])
+    report = report_markdown(run, board["markdown"], store=open_store(store))
     stored = complete_run(store, run_id, run, report)
     create_markdown_artifact(report, key="retrain-report", description=f"retrain {run_id}")
     s = open_store(store)
