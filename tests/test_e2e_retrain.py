@@ -62,7 +62,8 @@ def _promotable_params(source: Path, store: str) -> dict:
         "models": models,
         # vgg16 has no ImageNet file here: trained from scratch, an explicit choice (else it is skipped)
         "overrides": {
-            m: {"input_size": 64, "epochs": 1, **({"weights": "scratch"} if m == "vgg16" else {})} for m in models
+            m: {"input_size": 64, "epochs": 1, "fine_tune_epochs": 0, **({"weights": "scratch"} if m == "vgg16" else {})}
+            for m in models
         },  # fmt: skip
         "int8": False,
         "max_parallel": 2,
