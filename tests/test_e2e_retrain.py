@@ -52,6 +52,11 @@ def _smoke_params(source: Path, store: str) -> dict:
     return {"source": str(source), "store": store, "preset": "smoke", "profile": "any", "covid_sensitivity_floor": 0.0}
 
 
+def _smoke_sized(model: str) -> dict:
+    # vgg16 has no ImageNet file here: trained from scratch, an explicit choice (else it is skipped)
+    return {"input_size": 64, "epochs": 1, "fine_tune_epochs": 0, **({"weights": "scratch"} if model == "vgg16" else {})}
+
+
 def _promotable_params(source: Path, store: str) -> dict:
     """Smoke-sized training under the cpu preset: its test set is not capped, so it may promote
     (a smoke run never can)."""
@@ -60,11 +65,7 @@ def _promotable_params(source: Path, store: str) -> dict:
         **_smoke_params(source, store),
         "preset": "cpu",
         "models": models,
-        # vgg16 has no ImageNet file here: trained from scratch, an explicit choice (else it is skipped)
-        "overrides": {
-            m: {"input_size": 64, "epochs": 1, "fine_tune_epochs": 0, **({"weights": "scratch"} if m == "vgg16" else {})}
-            for m in models
-        },  # fmt: skip
+        "overrides": {m: _smoke_sized(m) for m in models},
         "int8": False,
         "max_parallel": 2,
     }
