@@ -54,7 +54,8 @@ def _smoke_params(source: Path, store: str) -> dict:
 
 def _smoke_sized(model: str) -> dict:
     # vgg16 has no ImageNet file here: trained from scratch, an explicit choice (else it is skipped)
-    return {"input_size": 64, "epochs": 1, "fine_tune_epochs": 0, **({"weights": "scratch"} if model == "vgg16" else {})}
+    weights = {"weights": "scratch"} if model == "vgg16" else {}
+    return {"input_size": 64, "epochs": 1, "fine_tune_epochs": 0, **weights}
 
 
 def _promotable_params(source: Path, store: str) -> dict:
