@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from covid_data.store import Store, Unit, open_store
+from covid_data.store import Unit, open_store, split_object_uri
 from covid_models.evaluate import wilson_interval
 from covid_models.export import DISCLAIMER
 from covid_models.model_card import DATA_LIMITS, describe_weights
@@ -245,13 +245,8 @@ def _classes() -> list[str]:
 
 
 def _local(uri: str, fallback: Path) -> Path:
-    store, key = _split_uri(uri)
+    store, key = split_object_uri(uri)
     return store.local_path(key) or store.get_file(key, fallback)
-
-
-def _split_uri(uri: str) -> tuple[Store, str]:
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    return open_store(parent), name
 
 
 def _precache_list(unit: Unit) -> list[dict[str, str]]:
@@ -271,3 +266,35 @@ def _bytes(unit: Unit) -> int:
         local = unit.store.local_path(k)
         total += local.stat().st_size if local is not None and local.is_file() else 0
     return total
+
+
+def build_run_app(
+    store_uri: str,
+    run_id: str,
+    *,
+    dataset: dict[str, Any],
+    exports: list[dict[str, Any]],
+    explain: list[dict[str, Any]] | None = None,
+) -> tuple[dict[str, Any], str | None]:
+    """(bundle record, why there is no guard or None): the run's bundle with its split's guard
+    (fitted once) and the store's current champion marked. What ``retrain`` and ``make app`` call."""
+    from covid_app.guard import GuardUnavailableError, ensure_guard
+    from covid_models import champion as registry
+
+    try:
+        guard, note = ensure_guard(store_uri, dataset["split"], dataset["split_hash"]), None
+    except GuardUnavailableError as e:
+        guard, note = None, str(e)
+        log.warning("the app has no out-of-distribution guard: %s", e)
+    champ = registry.current(store_uri)
+    rec = build_app_bundle(
+        store_uri,
+        run_id,
+        dataset=dataset,
+        exports=exports,
+        guard=guard,
+        guard_note=note,
+        champion_uri=champ["model_uri"] if champ else None,
+        explain=explain,
+    )
+    return rec, note

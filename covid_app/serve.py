@@ -17,7 +17,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from covid_app.bundle import AppBuildUnavailable, app_unit, build_app_bundle
+from covid_app.bundle import AppBuildUnavailable, app_unit, build_run_app
 from covid_data.store import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -72,26 +72,11 @@ def ensure_bundle(store_uri: str, run_id: str) -> dict[str, Any]:
     run = json.loads(store.read_text(key))
     if not run.get("exports"):
         raise NoBundleError(f"run {run_id} exported no models: it has no app")
-    from covid_app.guard import GuardUnavailableError, ensure_guard
-    from covid_models import champion as registry
-
-    ds = run["dataset"]
-    try:
-        guard, note = ensure_guard(store_uri, ds["split"], ds["split_hash"]), None
-    except GuardUnavailableError as e:
-        guard, note = None, str(e)
-    champ = registry.current(store)
     log.info("run %s has no app bundle yet: building it", run_id)
-    return build_app_bundle(
-        store_uri,
-        run_id,
-        dataset=ds,
-        exports=run["exports"],
-        guard=guard,
-        guard_note=note,
-        champion_uri=champ["model_uri"] if champ else None,
-        explain=run.get("explain"),
+    rec, _ = build_run_app(
+        store_uri, run_id, dataset=run["dataset"], exports=run["exports"], explain=run.get("explain")
     )
+    return rec
 
 
 def handler_for(store: Store, prefix: str) -> type[BaseHTTPRequestHandler]:

@@ -87,13 +87,6 @@ def resolve_imagenet(model: str, input_size: int) -> str | Path:
     raise missing_weights(model, folder / names[0], "downloads are disabled (COVID_WEIGHTS_DOWNLOAD=0)")
 
 
-def has_local_imagenet(model: str, input_size: int) -> bool:
-    """Whether ImageNet weights for ``model`` are in the local weights folder."""
-    from covid_models.builders import is_transfer
-
-    return is_transfer(model) and any((weights_dir() / n).is_file() for n in keras_file_names(model, input_size))
-
-
 def missing_weights(model: str, expected: Path, why: str) -> MissingWeightsError:
     return MissingWeightsError(
         f"ImageNet weights for {model} are not available: expected the file {expected.name} in "
@@ -102,19 +95,17 @@ def missing_weights(model: str, expected: Path, why: str) -> MissingWeightsError
     )
 
 
-def local_imagenet(model: str, input_size: int) -> Path | None:
+def local_imagenet(model: str, input_size: int) -> Path:
     """The local file holding ``model``'s ImageNet weights, fetching Keras' file into the weights
-    folder first when none is there and downloads are allowed; None when there is none.
+    folder first when none is there and downloads are allowed.
 
     Raises :class:`MissingWeightsError` (naming the file and the folder) when the file is neither
     here nor downloadable."""
+    found = resolve_imagenet(model, input_size)
+    if found != "imagenet":
+        return Path(found)
     folder = weights_dir()
     names = keras_file_names(model, input_size)
-    for name in names:
-        if (folder / name).is_file():
-            return folder / name
-    if not download_allowed():
-        raise missing_weights(model, folder / names[0], "downloads are disabled (COVID_WEIGHTS_DOWNLOAD=0)")
     import keras
 
     url = f"{_KERAS_ORIGIN}/{_KERAS_FOLDERS[model]}/{names[0]}"

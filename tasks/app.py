@@ -11,9 +11,7 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from covid_app.bundle import AppBuildUnavailable, build_app_bundle
-from covid_app.guard import GuardUnavailableError, ensure_guard
-from covid_models import champion as registry
+from covid_app.bundle import AppBuildUnavailable, build_run_app
 
 
 @task(name="app-bundle")
@@ -29,22 +27,7 @@ def build_app(
     if not exports:
         return {"status": "skipped", "reason": "no exported models to put in the app"}
     try:
-        guard, note = ensure_guard(store, dataset["split"], dataset["split_hash"]), None
-    except GuardUnavailableError as e:
-        guard, note = None, str(e)
-        log.warning("the app has no out-of-distribution guard: %s", e)
-    champion = registry.current(store)
-    try:
-        rec = build_app_bundle(
-            store,
-            run_id,
-            dataset=dataset,
-            exports=exports,
-            guard=guard,
-            guard_note=note,
-            champion_uri=champion["model_uri"] if champion else None,
-            explain=explain,
-        )
+        rec, note = build_run_app(store, run_id, dataset=dataset, exports=exports, explain=explain)
     except AppBuildUnavailable as e:
         log.warning("%s", e)
         return {"status": "skipped", "reason": str(e)}
