@@ -36,6 +36,7 @@ from covid_data.manifest import (
     discover,
     read_parquet_bytes,
     to_parquet_bytes,
+    with_mask_columns,
 )
 from covid_data.store import ObjectExistsError, Store, md5_file, open_store
 
@@ -179,12 +180,13 @@ def manifest_of(staged: Staged, *, workers: int | None = None, progress: Progres
     cache, or built by inspecting every file."""
     root = Path(staged.root)
     if (root / MANIFEST).is_file():  # a published version: its manifest is authoritative
-        manifest = pd.read_parquet(root / MANIFEST)
-        return manifest.assign(source_path=manifest["path"])
+        manifest = with_mask_columns(pd.read_parquet(root / MANIFEST))
+        return manifest.assign(source_path=manifest["path"], mask_source_path=manifest["mask_path"])
     if staged.manifest_cache and Path(staged.manifest_cache).is_file():
         manifest = pd.read_parquet(staged.manifest_cache)
-        log.info("reusing the manifest of the unchanged archive (%d images)", len(manifest))
-        return manifest
+        if "mask_path" in manifest.columns:  # one cached before masks were read is built again
+            log.info("reusing the manifest of the unchanged archive (%d images)", len(manifest))
+            return manifest
     files = discover(root)
     if not files:
         raise FileNotFoundError(f"no image files under {root}")
@@ -219,6 +221,15 @@ def publish_version(
     # Images need no overwrite: the version hashes every path's sha256, so an image an interrupted
     # attempt left is byte-identical (and skipped) or a corruption worth an error.
     written, skipped = store.put_many(items, prefix=f"{prefix}/images")
+    masks = with_mask_columns(manifest)
+    masks = masks[masks["mask_path"].notna()]
+    if len(masks):
+        mask_items = [
+            (f"{prefix}/{p}", Path(files_root) / s)
+            for p, s in zip(masks["mask_path"], masks["mask_source_path"], strict=True)
+        ]
+        w, k = store.put_many(mask_items, prefix=f"{prefix}/masks")
+        written, skipped = written + w, skipped + k
     if progress:
         progress(len(items), len(items))
     meta = {
@@ -228,6 +239,8 @@ def publish_version(
         "n_images": len(manifest),
         "class_counts": {str(k): int(v) for k, v in manifest["label"].value_counts().sort_index().items()},
         "undecodable": int(manifest["error"].notna().sum()),
+        "lung_masks": len(masks),
+        "lung_masks_not_used": int(with_mask_columns(manifest)["mask_error"].notna().sum()),
     }
     # No marker yet: whatever an interrupted attempt left here is replaced, not trusted.
     store.put_text(f"{prefix}/dataset.json", json.dumps(meta, indent=2), overwrite=True)

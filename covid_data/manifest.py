@@ -2,9 +2,15 @@
 
 Accepted layouts (folder-name variants of the classes are mapped to the canonical labels):
 
-* Kaggle: ``COVID-19_Radiography_Dataset/<CLASS>/images/*.png`` (``masks/`` and the
-  ``*.metadata.xlsx`` / README files beside the class folders are ignored);
+* Kaggle: ``COVID-19_Radiography_Dataset/<CLASS>/images/*.png``, with the lung mask of each image,
+  where there is one, at ``<CLASS>/masks/<same name>`` (the ``*.metadata.xlsx`` / README files
+  beside the class folders are ignored);
 * flat: ``<CLASS>/*.png``.
+
+A lung mask is recorded in ``mask_path`` (``masks/<label>/<file>`` in the dataset version) when it
+decodes and is binary with a plausible lung share; otherwise ``mask_error`` says why it was not used
+and the image keeps no mask. Masks change the dataset version only where there are any: a source
+without masks hashes exactly as before masks were read.
 
 A file that does not decode is kept in the manifest with its ``error`` so that validation
 can list it; an unknown class folder keeps its own name as label for the same reason.
@@ -40,6 +46,10 @@ MANIFEST_COLUMNS = [
     "bytes",
     "phash",  # 64-bit perceptual hash, hex; near-duplicate detection in the split
     "error",  # None when the file decodes as an image
+    "mask_path",  # masks/<label>/<file> in the version, where a usable lung mask exists; else None
+    "mask_source_path",  # the mask found beside the image (also when it was not usable)
+    "mask_sha256",
+    "mask_error",  # why a mask that exists was not used
 ]
 
 _IGNORED_DIRS = {"masks", "__macosx"}
@@ -55,6 +65,17 @@ class SourceFile:
     source_path: str
     label: str
     path: str
+    # The Kaggle release's lung mask of this image: the file, its path relative to the source root,
+    # and where it goes in the version.
+    mask: Path | None = None
+    mask_source_path: str | None = None
+    mask_path: str | None = None
+
+    @property
+    def job(self) -> tuple:
+        """The arguments of :func:`covid_data.imaging.inspect_path` for this file."""
+        base = (str(self.source), self.source_path, self.label, self.path)
+        return base if self.mask is None else (*base, str(self.mask), self.mask_source_path, self.mask_path)
 
 
 def _visible(p: Path) -> bool:
@@ -94,6 +115,7 @@ def discover(root: Path) -> list[SourceFile]:
             log.warning("unknown class folder %s: kept under its own name for validation to report", class_dir)
             label = class_dir.name
         image_dir = class_dir / "images" if (class_dir / "images").is_dir() else class_dir
+        mask_dir = class_dir / "masks" if image_dir != class_dir else None
         for dirpath, dirnames, filenames in os.walk(image_dir):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in _IGNORED_DIRS)
             for name in sorted(filenames):
@@ -101,12 +123,16 @@ def discover(root: Path) -> list[SourceFile]:
                     continue
                 src = Path(dirpath) / name
                 inner = src.relative_to(image_dir).as_posix()
+                mask = mask_dir / inner if mask_dir is not None and (mask_dir / inner).is_file() else None
                 files.append(
                     SourceFile(
                         source=src,
                         source_path=src.relative_to(root).as_posix(),
                         label=label,
                         path=f"images/{label}/{inner}",
+                        mask=mask,
+                        mask_source_path=mask.relative_to(root).as_posix() if mask else None,
+                        mask_path=f"masks/{label}/{inner}" if mask else None,
                     )
                 )
     ignored = [p.name for p in data_root.iterdir() if p.is_file() and _visible(p)]
@@ -127,7 +153,7 @@ def build_manifest(
 ) -> pd.DataFrame:
     """Inspect every file (in ``workers`` processes) and return the manifest table."""
     workers = workers or default_workers()
-    jobs = [(str(f.source), f.source_path, f.label, f.path) for f in files]
+    jobs = [f.job for f in files]
     rows: list[dict] = []
     total = len(jobs)
     step = max(1, total // 20)
@@ -152,7 +178,25 @@ def build_manifest(
     df = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
     for col in ("width", "height", "bytes"):
         df[col] = df[col].astype("Int64")
+    for col in MANIFEST_COLUMNS[MANIFEST_COLUMNS.index("mask_path") :]:
+        df[col] = df[col].astype("object").where(df[col].notna(), None)
+    rejected = df["mask_error"].notna()
+    if rejected.any():
+        first = df[rejected].iloc[0]
+        log.warning(
+            "%d lung masks not used (e.g. %s: %s)", int(rejected.sum()), first["mask_source_path"], first["mask_error"]
+        )
     return df.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def with_mask_columns(manifest: pd.DataFrame) -> pd.DataFrame:
+    """A manifest written before masks were read, given the (empty) mask columns."""
+    missing = [c for c in MANIFEST_COLUMNS if c not in manifest.columns]
+    return manifest.assign(**{c: None for c in missing}) if missing else manifest
+
+
+def has_masks(manifest: pd.DataFrame) -> bool:
+    return "mask_path" in manifest.columns and bool(manifest["mask_path"].notna().any())
 
 
 def manifest_for_folder(root: Path, **kwargs) -> pd.DataFrame:
@@ -160,12 +204,24 @@ def manifest_for_folder(root: Path, **kwargs) -> pd.DataFrame:
 
 
 def dataset_version(manifest: pd.DataFrame) -> str:
-    """Content address of a dataset: a hash over (path, label, sha256) of every row."""
+    """Content address of a dataset: a hash over (path, label, sha256) of every row, and over
+    (mask path, mask sha256) of the rows that have a lung mask (so that a source without masks
+    keeps the version it had before masks were read)."""
+    masks = with_mask_columns(manifest)
     h = hashlib.sha256()
-    for path, label, sha in sorted(
-        zip(manifest["path"], manifest["label"], manifest["sha256"].fillna(""), strict=True)
+    for path, label, sha, mask, mask_sha in sorted(
+        zip(
+            manifest["path"],
+            manifest["label"],
+            manifest["sha256"].fillna(""),
+            masks["mask_path"].fillna(""),
+            masks["mask_sha256"].fillna(""),
+            strict=True,
+        )
     ):
         h.update(f"{path}\t{label}\t{sha}\n".encode())
+        if mask:
+            h.update(f"{mask}\t{mask_sha}\n".encode())
     return h.hexdigest()[:16]
 
 

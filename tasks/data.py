@@ -66,10 +66,12 @@ def build_manifest(staged: dict[str, Any], workers: int | None = None) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(to_parquet_bytes(manifest))
     get_run_logger().info(
-        "manifest: %d files, %d undecodable; classes %s",
+        "manifest: %d files, %d undecodable; classes %s; lung masks: %d used, %d not usable",
         len(manifest),
         int(manifest["error"].notna().sum()),
         manifest["label"].value_counts().to_dict(),
+        int(manifest["mask_path"].notna().sum()),
+        int(manifest["mask_error"].notna().sum()),
     )
     return str(out)
 

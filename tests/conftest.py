@@ -49,8 +49,25 @@ def sample_files(n_per_class: int, seed: int = 0) -> dict[str, list[Path]]:
     return out
 
 
-def make_kaggle_folder(dest: Path, n_per_class: int = 12, seed: int = 0, extras: bool = True) -> Path:
-    """Copy a seeded sample into ``dest`` in the Kaggle layout (with masks/ and xlsx extras)."""
+def lung_mask_png(path: Path, size: int = 256) -> Path:
+    """A binary lung mask like the Kaggle release's (256 px, two white lung fields on black)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    lungs = np.zeros((size, size), bool)
+    for cx in (0.3, 0.7):
+        lungs |= ((x - cx) / 0.15) ** 2 + ((y - 0.5) / 0.32) ** 2 <= 1
+    Image.fromarray(np.where(lungs, 255, 0).astype("uint8")).save(path)
+    return path
+
+
+def make_kaggle_folder(
+    dest: Path, n_per_class: int = 12, seed: int = 0, extras: bool = True, masks: str = "some"
+) -> Path:
+    """Copy a seeded sample into ``dest`` in the Kaggle layout, with the xlsx/README extras and
+    ``masks/``: ``"some"`` gives the first image of each class a lung mask and the second an X-ray
+    misfiled as its mask (not usable); ``"all"`` gives every image a lung mask; ``"none"`` no masks."""
     top = dest / "COVID-19_Radiography_Dataset"
     for c, files in sample_files(n_per_class, seed).items():
         (top / c / "images").mkdir(parents=True, exist_ok=True)
@@ -58,7 +75,10 @@ def make_kaggle_folder(dest: Path, n_per_class: int = 12, seed: int = 0, extras:
             shutil.copyfile(f, top / c / "images" / f.name)
         if extras:
             (top / c / "masks").mkdir(exist_ok=True)
-            shutil.copyfile(files[0], top / c / "masks" / files[0].name)
+            for f in {"all": files, "some": files[:1]}.get(masks, []):
+                lung_mask_png(top / c / "masks" / f.name)
+            if masks == "some":
+                shutil.copyfile(files[1], top / c / "masks" / files[1].name)
             (top / f"{c}.metadata.xlsx").write_bytes(b"PK\x03\x04 not really a spreadsheet")
     if extras:
         (top / "README.md.txt").write_text("COVID-19 Radiography Database\n")

@@ -237,3 +237,33 @@ def test_gallery_is_fixed_and_the_report_shows_it_inline(small_split, tmp_path):
 
     card = with_card_section("# m\n\n## Metrics\nx\n\n## Limits\n- y\n", card_lines(rec))
     assert card.index("## Where the model looks") < card.index("## Limits") and "Shortcut score" in card
+
+
+def test_shortcut_score_uses_the_lung_masks_where_the_source_has_them(tmp_path):
+    """A Kaggle-layout source with a lung mask for every image: the score is the Grad-CAM mass
+    outside each image's own mask (as stored in the dataset version), not the border band."""
+    from PIL import Image
+
+    from covid_data.dataset import fetch_dataset, load_manifest
+    from covid_data.split import SplitConfig, write_split
+    from covid_data.store import open_store
+    from covid_models.gradcam import _load_masks
+    from tasks.explain import explain_models
+    from tests.conftest import make_kaggle_folder
+
+    src = make_kaggle_folder(tmp_path / "src", n_per_class=10, seed=43, masks="all")
+    ref = fetch_dataset(str(src), str(tmp_path / "data"))
+    data = open_store(ref.store)
+    split = write_split(data, ref.version, load_manifest(data, ref.version), SplitConfig(0.6, 0.2, 0.2)).uri
+    uri = _model_slot(tmp_path)
+    (rec,) = explain_models.fn(
+        str(tmp_path / "store"), "20250101T000000Z-masks", split, [{"model": "custom_cnn", "out": uri}]
+    )
+    assert rec["method"] == "lung masks"
+    # the synthetic masks cover two ellipses: the uniform-map baseline is the area outside them
+    with Image.open(next((src / "COVID-19_Radiography_Dataset" / "COVID" / "masks").glob("*.png"))) as im:
+        lungs = _load_masks([im.filename], 32)
+    assert rec["baseline"] == pytest.approx(float(np.mean(~lungs)), abs=5e-4)  # stored to 3 places
+    assert 0.3 < rec["baseline"] < 0.8 and 0 <= rec["shortcut_score"] <= 1
+    band = 1 - (26 / 32) ** 2
+    assert abs(rec["baseline"] - band) > 0.05  # the masks, not the band, decided it

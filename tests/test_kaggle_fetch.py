@@ -37,11 +37,12 @@ def test_fetch_then_refetch_moves_nothing(kaggle_stub, archive, creds, store_uri
     kaggle_stub.add(REF, archive)
     cache = tmp_path / "cache"
     first = fetch_dataset("kaggle", store_uri, cache_dir=cache)
-    assert first.n_images == 40 and first.uploaded == 40
+    assert first.n_images == 40 and first.uploaded == 44  # 40 images and the 4 usable lung masks
     assert kaggle_stub.body_bytes_sent == len(archive)
     manifest = load_manifest(open_store(store_uri), first.version)
     assert sorted(manifest["label"].unique()) == ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
-    assert not manifest["path"].str.contains("masks").any()
+    assert not manifest["path"].str.contains("masks").any()  # masks are not images
+    assert manifest["mask_path"].str.startswith("masks/").sum() == 4
 
     (cached,) = cache.rglob("*.zip")
     before = cached.stat()
