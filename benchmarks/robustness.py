@@ -1,6 +1,11 @@
 """Robustness of each published model to acquisition shifts, on its test split.
 
     PYTHONPATH=. .venv/bin/python benchmarks/robustness.py [--store .store] [--run ID] [--limit N]
+    PYTHONPATH=. .venv/bin/python benchmarks/robustness.py --split val --model-uri SLOT [--model-uri SLOT ...]
+
+``--split val`` scores the validation split instead, the one to choose recipes on (augmentation
+for robustness is chosen there; the test split only judges); ``--model-uri`` scores those model
+slots instead of a run's published models (e.g. candidate recipes before any run publishes them).
 
 For the run's published (top) models — default: the champion's run — the test images are decoded at
 their stored size, shifted (covid_models.shifts: JPEG q30/50/75, down-up sampling to 128 px, gamma
@@ -44,6 +49,9 @@ def main() -> None:
     ap.add_argument("--store", default=".store")
     ap.add_argument("--run", default=None)
     ap.add_argument("--limit", type=int, default=None, help="at most N test images (quick look)")
+    ap.add_argument("--split", choices=["test", "val"], default="test", help="test judges; choose recipes on val")
+    ap.add_argument("--model-uri", action="append", default=None, help="score this model slot (repeatable)")
+    ap.add_argument("--out", default=None, help="results file (default benchmarks/out/robustness[-val].json)")
     args = ap.parse_args()
 
     from covid_app.serve import resolve_run
@@ -57,13 +65,20 @@ def main() -> None:
     run_id = resolve_run(store, args.run)
     run = json.loads(store.read_text(f"runs/{run_id}/run.json"))
     champ = current(store)
-    data = load_split_data(run["dataset"]["split"], max_per_class=(run.get("preset") or {}).get("max_per_class"))
-    paths, y = data.files("test")
+    if args.model_uri:
+        stored = [model_slot(u).record() for u in args.model_uri]
+        models = [{"model": d["config"]["model"], "model_uri": u} for d, u in zip(stored, args.model_uri, strict=True)]
+        split_uri, cap = stored[0]["config"]["split"], stored[0]["config"].get("max_per_class")
+    else:
+        models, split_uri = run["exports"], run["dataset"]["split"]
+        cap = (run.get("preset") or {}).get("max_per_class")
+    data = load_split_data(split_uri, max_per_class=cap)
+    paths, y = data.files(args.split)
     if args.limit:  # a seeded sample across the classes
         keep = np.sort(np.random.default_rng(0).permutation(len(y))[: args.limit])
         paths, y = [paths[i] for i in keep], y[keep]
-    res: dict = {"run": run_id, "n": len(y), "models": {}, "machine": machine_info()}
-    for e in run["exports"]:
+    res: dict = {"run": run_id, "split": args.split, "n": len(y), "models": {}, "machine": machine_info()}
+    for e in models:
         cfg = model_slot(e["model_uri"]).record()["config"]
         model = load_trained_model(open_store(e["model_uri"]).uri_for("model.keras"))
         images = _decode(paths, cfg["channels"])
@@ -71,11 +86,17 @@ def main() -> None:
         for name in SHIFTS:
             rows[name] = _score(model, apply(name, images), y, cfg["input_size"])
         is_champ = bool(champ) and champ["model_uri"].rstrip("/") == e["model_uri"].rstrip("/")
-        res["models"][e["model"]] = {"champion": is_champ, "input_size": cfg["input_size"], "rows": rows}
+        name = e["model"] if e["model"] not in res["models"] else f"{e['model']} ({e['model_uri'].rstrip('/')[-12:]})"
+        res["models"][name] = {
+            "champion": is_champ,
+            "uri": e["model_uri"],
+            "input_size": cfg["input_size"],
+            "rows": rows,
+        }
         print(f"{e['model']}: clean accuracy {rows['clean']['accuracy']:.4f}", flush=True)
-    write_json(res, OUT_DIR / "robustness.json")
+    write_json(res, args.out or OUT_DIR / f"robustness{'' if args.split == 'test' else '-' + args.split}.json")
     print(machine_line(res["machine"]))
-    print(f"\nRun `{run_id}`, {res['n']} test images. Accuracy (change in points) / COVID sensitivity:\n")
+    print(f"\nRun `{run_id}`, {res['n']} {args.split} images. Accuracy (change in points) / COVID sensitivity:\n")
     names = list(res["models"])
     print(
         "| shift | " + " | ".join(f"{m}{' (champion)' if res['models'][m]['champion'] else ''}" for m in names) + " |"

@@ -123,8 +123,13 @@ def _model_entry(e: dict[str, Any], rank: int, champion_uri: str | None) -> dict
         "input_size": cfg["input_size"],
         "channels": cfg["channels"],
         "weights": describe_weights(e["model"], cfg, stored.get("weights")),
-        "training": f"{cfg['input_size']} px grey input; up to {cfg['epochs']} epochs"
-        + (f" + {cfg['fine_tune_epochs']} fine-tuning" if cfg.get("fine_tune_epochs") else ""),
+        "training": f"{cfg['input_size']} px grey input; "
+        + (
+            "its members' training, nothing more"
+            if cfg.get("members")
+            else f"up to {cfg['epochs']} epochs"
+            + (f" + {cfg['fine_tune_epochs']} fine-tuning" if cfg.get("fine_tune_epochs") else "")
+        ),
         "metrics": m,
         "images": {},
     }

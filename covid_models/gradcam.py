@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from covid_models.ensemble import is_ensemble, member_heatmaps, members_of
+
 log = logging.getLogger(__name__)
 
 BORDER = 0.1  # the border band: 10% of each side
@@ -84,6 +86,13 @@ def target_layer(model, layer_name: str | None = None) -> tuple[Any, Any]:
     raise ValueError(
         f"{model.name}: no convolutional activation found" + (f" named {layer_name!r}" if layer_name else "")
     )
+
+
+def _layer_names(model) -> str:
+    """The explained layer's name (each member's, for an ensemble)."""
+    if is_ensemble(model.name):
+        return " + ".join(f"{m.name}/{target_layer(m)[1].name}" for m in members_of(model))
+    return target_layer(model)[1].name
 
 
 def _logits_layer(layer, x):
@@ -186,6 +195,11 @@ def gradcam_with_probs(
     images = np.asarray(images, dtype="float32")
     if images.ndim != 4:
         raise ValueError(f"images must be (N, H, W, C), got shape {images.shape}")
+    if is_ensemble(model.name) and layer_name is None:  # the mean of the members' maps for its class
+        probs = model.predict(images, verbose=0, batch_size=batch_size).astype("float32")
+        cls = probs.argmax(axis=1) if class_index is None else np.broadcast_to(np.asarray(class_index), (len(images),))
+        heat = member_heatmaps(model, images, cls, lambda m, x, c: gradcam(m, x, c, batch_size=batch_size))
+        return heat.astype("float32"), probs
     owner, layer = target_layer(model, layer_name)
     run = _forward(model, owner, layer)
     n, h, w = images.shape[:3]
@@ -477,7 +491,7 @@ def explain_model(
         "shortcut_score": None if not np.isfinite(score) else round(score, 4),
         "baseline": round(baseline, 4),
         "method": method,
-        "layer": target_layer(model)[1].name,
+        "layer": _layer_names(model),
         "gallery": records,
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from covid_models.builders import is_transfer
+from covid_models.ensemble import describe_members, is_ensemble
 from covid_models.evaluate import wilson_interval
 from covid_models.export import DISCLAIMER
 
@@ -24,6 +25,8 @@ DATA_LIMITS = [
 
 def describe_weights(model: str, config: dict[str, Any], weights: dict[str, Any] | None = None) -> str:
     """Starting weights and what trained, in words (e.g. "ImageNet weights (sha256 1a2b...), backbone frozen")."""
+    if is_ensemble(model):
+        return describe_members(config)
     if not is_transfer(model):
         return "trained from scratch (all layers)"
     w = weights or {"kind": "imagenet" if config.get("weights") == "imagenet" else config.get("weights")}
@@ -73,8 +76,13 @@ def model_card(
         "",
         "## Training",
         f"Input {config['input_size']}x{config['input_size']} grayscale (raw pixels; preprocessing inside the model); "
-        f"{describe_weights(model, config, weights)}; {config['epochs']} epochs max, learning rate "
-        f"{config['learning_rate']}.",
+        + (
+            f"{describe_weights(model, config, weights)} (each member resized bilinearly to its own input size; "
+            "the members and their number are the run's best by validation accuracy, nothing is fitted)."
+            if is_ensemble(model)
+            else f"{describe_weights(model, config, weights)}; {config['epochs']} epochs max, learning rate "
+            f"{config['learning_rate']}."
+        ),
         "",
         "## Metrics",
         "| split | accuracy | macro-F1 | COVID sensitivity (95% CI) | COVID specificity (95% CI) | ECE |",

@@ -218,7 +218,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     if cfg.augment or cfg.fine_tune_augment:
         from covid_models.augment import build_augmenter
 
-        augment = build_augmenter(cfg.seed)
+        augment = build_augmenter(cfg.seed, cfg.augment_recipe)
 
     t0 = time.perf_counter()
     backup = Checkpoints(out, "main", cache)

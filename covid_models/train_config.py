@@ -49,6 +49,8 @@ HELP: dict[str, str] = {
     "augment": "augment training images in every phase: small rotations, shifts and zoom; contrast, gamma, blur and "
     "sharpening (the look of other scanners)",
     "fine_tune_augment": "augment only in the fine-tuning phase (the head still trains on cached features)",
+    "augment_recipe": "full (geometry, contrast, gamma, blur/sharpening, JPEG) or acquisition (what other scanners "
+    "do: small shifts, contrast, gamma, resolution loss, noise, JPEG)",
     "feature_cache": "frozen backbone without augmentation: train the head on cached backbone features",
     "max_per_class": "at most this many images per class and split (quick runs; the test set is then capped)",
     "cache_dir": "local cache of decoded images, features and staged files (default ~/.cache/covid-xray)",
@@ -78,6 +80,7 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-5  # ... at this rate
     augment: bool = False
     fine_tune_augment: bool = False  # augmentation in the fine-tuning phase only
+    augment_recipe: str = "full"  # covid_models.augment.RECIPES
     feature_cache: bool = True  # frozen backbone, no augmentation: train the head on cached features
     max_per_class: int | None = None  # at most this many images per class and split (quick runs)
     cache_dir: str | None = None
@@ -85,6 +88,10 @@ class TrainConfig:
     verbose: int = 2  # Keras progress: 2 = one line per epoch (readable in Prefect logs)
 
     def __post_init__(self):
+        from covid_models.augment import RECIPES
+
+        if self.augment_recipe not in RECIPES:
+            raise ValueError(f"unknown augment_recipe {self.augment_recipe!r}; choose from {RECIPES}")
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODEL_NAMES)}")
         if is_transfer(self.model) and self.weights == "none":

@@ -27,7 +27,7 @@ from tasks.evaluation import evaluate_external
 from tasks.explain import explain_models
 from tasks.fanout import train_models
 from tasks.locks import store_run_lock
-from tasks.models import configure_models, export_model, rank_models
+from tasks.models import build_ensemble, configure_models, export_model, rank_models
 from tasks.publishing import bless_challenger, finish_run, promote_champion, publish_run
 
 TOP_N = 3
@@ -80,11 +80,14 @@ def retrain(
     pickup_timeout_s: float | None = 600,
     external_sources: list[str] | None = None,
     external_floor: float | None = None,
+    ensemble: int | None = None,
 ) -> dict[str, Any]:
     """Retrain, rank on validation, bless against the champion, export the top three, publish.
 
     ``train_deployment`` (e.g. ``"train-model/vertex-tpu"``) trains each model as a child flow
     run of that deployment; ``dask_address`` trains them on a Dask cluster instead of threads.
+    ``ensemble`` (default: the preset's) averages that many of the best trained models into one
+    more leaderboard row (0: none).
     """
     p = get_preset(preset, **({"split": tuple(split)} if split else {}))
     selected = _check_models(models or p.models)
@@ -111,10 +114,13 @@ def retrain(
         records = _train_stage(dask_address)(
             configs, max_parallel or p.max_parallel, train_deployment, model_timeout_s, pickup_timeout_s
         )
-        records = [*records, *plan["skipped"]]  # on the leaderboard, with the reason
+        n_ensemble = p.ensemble if ensemble is None else ensemble
+        combined = build_ensemble(records, n_ensemble, data["split"], data["split_hash"], store, p.max_per_class)
+        records = [*records, *([combined] if combined else []), *plan["skipped"]]  # skipped: with the reason
+        candidates = len(configs) + (1 if combined else 0)
         clock.lap("train")
         board = rank_models(records, rank_by, run_id)
-        top = _top_models(board["rows"], records, min(TOP_N, len(configs)))
+        top = _top_models(board["rows"], records, min(TOP_N, candidates))
         externals = _external_evaluations(records, external_sources or [], store, kaggle_secret_block)
         board = with_columns(board, _external_columns(externals, external_sources or []))
         # The challenger as the champion registry records it, read from its model slot.
@@ -133,7 +139,7 @@ def retrain(
         clock.lap("bless")
         exports = _export_all(top, data["split"], p.int8 if int8 is None else int8, p.max_per_class)
         clock.lap("export")
-        exports_ok = len(exports) == len(top) == min(TOP_N, len(configs))
+        exports_ok = len(exports) == len(top) == min(TOP_N, candidates)
         explain = explain_models(store, run_id, data["split"], top, max_per_class=p.max_per_class)
         board = with_columns(board, _shortcut_columns(explain))
         clock.lap("explain")
@@ -159,10 +165,10 @@ def retrain(
             explain=explain,
             externals=externals,
         )
-    if len(top) < min(TOP_N, len(configs)):
+    if len(top) < min(TOP_N, candidates):
         failures = [(r["model"], str(r.get("error"))[:200]) for r in records if r["status"] == "failed"]
         raise RuntimeError(
-            f"only {len(top)} of {len(configs)} models trained; {min(TOP_N, len(configs))} are needed for the "
+            f"only {len(top)} of {candidates} models trained; {min(TOP_N, candidates)} are needed for the "
             f"top three. Failures: {failures}"
         )
     if not exports_ok:
@@ -346,6 +352,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="promotion needs at least this accuracy on every external set (default: no gate)",
     )
+    ap.add_argument(
+        "--ensemble",
+        type=int,
+        default=None,
+        help="average the best N trained models into one more leaderboard row (default: the preset's; 0: none)",
+    )
     a = ap.parse_args(argv)
     out = retrain(
         source=a.source,
@@ -368,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         pickup_timeout_s=a.pickup_timeout_s,
         external_sources=a.external_sources,
         external_floor=a.external_floor,
+        ensemble=a.ensemble,
     )
     print(json.dumps({k: out[k] for k in ("run_id", "run", "champion")}, indent=2, default=str))
 

@@ -7,23 +7,19 @@ before it is fine, and a rerun of an incomplete run replaces them.
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
-from prefect.exceptions import MissingContextError
+from prefect import task
 
 from covid_models.gradcam import BORDER, explain_model, write_index
 from covid_models.run_folder import run_unit
+from tasks.logs import task_logger
 
 
 def _logger():
-    try:
-        return get_run_logger()
-    except MissingContextError:  # called as a plain function (explain_models.fn)
-        return logging.getLogger(__name__)
+    return task_logger(__name__)
 
 
 def _summary(model: str, res: dict[str, Any]) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from covid_models.model_card import describe_weights
 from covid_models.model_exports import ensure_exports, wanted_variants
 from covid_models.presets import Preset, plan_models
 from covid_models.train import model_slot
+from tasks.logs import task_logger
 
 
 @task(name="configure-models")
@@ -34,6 +35,36 @@ def configure_models(
     for s in skipped:
         log.warning("%s %s", s["model"], s["error"])
     return {"configs": configs, "skipped": skipped}
+
+
+@task(name="build-ensemble")
+def build_ensemble(
+    records: list[dict[str, Any]], size: int, split_uri: str, split_hash: str, store: str, max_per_class: int | None
+) -> dict[str, Any] | None:
+    """The averaged ensemble of the ``size`` best trained models by validation accuracy (each
+    calibrated on validation first), as one more record for the leaderboard; None when fewer than
+    two models trained."""
+    from covid_models.ensemble import build_and_evaluate, ensemble_slot_uri
+
+    trained = [r for r in records if r.get("status") in ("trained", "cached") and r.get("val_accuracy") is not None]
+    trained.sort(key=lambda r: -float(r["val_accuracy"]))
+    picked = trained[:size]
+    log = task_logger(__name__)
+    if size < 2 or len(picked) < 2:
+        log.info("no ensemble: %d trained models (two are needed)", len(picked))
+        return None
+    members = [
+        {"model": r["model"], "out": r["out"], "temperature": _temperature(r["out"], split_uri, max_per_class)}
+        for r in picked
+    ]
+    out = ensemble_slot_uri(store, split_hash, members)
+    result = build_and_evaluate(members, split_uri, out, max_per_class).to_dict()
+    log.info("ensemble of %s: val accuracy %.4f", [m["model"] for m in members], result["val_accuracy"])
+    return result
+
+
+def _temperature(model_uri: str, split_uri: str, max_per_class: int | None) -> float:
+    return float(ensure_calibration(model_uri, split_uri, max_per_class)["temperature"])
 
 
 @task(name="rank-models")

@@ -1,0 +1,192 @@
+"""An averaged ensemble of the run's top models, as one more model on the leaderboard.
+
+The ensemble is a Keras model of its own: one grey input at the largest member's size, each
+member fed a bilinear resize of it where its size differs, each member's probabilities
+temperature-scaled by its own calibration (fitted on validation), then averaged with equal
+weights. Nothing in it is fitted: the members and their number are the run's top models by
+validation accuracy, so it is chosen on validation like every other row. Stored as a model slot
+(``models/<split hash>/ensemble-<key>/``, ``metrics.json`` last) with the same files and metrics as a
+trained model, it ranks, blesses, exports (Core ML, TFLite), explains and ships in the app like one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covid_data.labels import CLASSES
+from covid_data.store import open_store
+
+log = logging.getLogger(__name__)
+
+ENSEMBLE = "ensemble"
+EPS = 1e-7
+# Bump when the construction changes: the slot key hashes it.
+RECIPE = "mean of temperature-scaled member probabilities; bilinear resize to each member's size; v1"
+
+
+def is_ensemble(name: str) -> bool:
+    return name == ENSEMBLE
+
+
+def build_ensemble(members: list[tuple[Any, float]], name: str = ENSEMBLE):
+    """``members``: (Keras model, temperature) pairs, each taking (H, W, 1) grey pixels. The model
+    takes the largest member's size and averages the members' calibrated probabilities."""
+    import keras
+    from keras import ops
+
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+    channels = {int(m.input_shape[-1]) for m, _ in members}
+    if channels != {1}:
+        raise ValueError(f"ensemble members must take grey (1-channel) input, got channels {sorted(channels)}")
+    size = max(int(m.input_shape[1]) for m, _ in members)
+    inp = keras.Input(shape=(size, size, 1), name="image")
+    outs = []
+    for i, (m, t) in enumerate(members):
+        x = inp
+        s = int(m.input_shape[1])
+        if s != size:
+            x = keras.layers.Resizing(s, s, interpolation="bilinear", name=f"resize_{i}_{s}")(x)
+        p = m(x)
+        logits = ops.log(ops.clip(ops.cast(p, "float32"), EPS, 1.0)) / float(t)
+        outs.append(keras.layers.Activation("softmax", name=f"calibrated_{i}", dtype="float32")(logits))
+    out = keras.layers.Average(name="average", dtype="float32")(outs)
+    return keras.Model(inp, out, name=name)
+
+
+def members_of(model) -> list:
+    """The member models nested in an ensemble built by :func:`build_ensemble`."""
+    import keras
+
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
+
+
+def ensemble_key(members: list[dict[str, Any]]) -> str:
+    """Hash of the members' slots (each is content-keyed) and temperatures, and the recipe."""
+    text = json.dumps(
+        {"recipe": RECIPE, "members": [[m["out"].rstrip("/").rsplit("/", 1)[-1], m["temperature"]] for m in members]},
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def ensemble_slot_uri(store: str, split_hash: str, members: list[dict[str, Any]]) -> str:
+    return open_store(store).uri_for(f"models/{split_hash}/{ENSEMBLE}-{ensemble_key(members)}")
+
+
+def describe_members(config: dict[str, Any]) -> str:
+    parts = [f"{m['model']} ({m['input_size']} px, T={m['temperature']:.2f})" for m in config.get("members", [])]
+    return "average of the calibrated probabilities of " + ", ".join(parts) + "; nothing trained on top"
+
+
+def build_and_evaluate(members: list[dict[str, Any]], split_uri: str, out: str, max_per_class: int | None = None):
+    """Build the ensemble of ``members`` (records with ``model``, ``out`` and ``temperature``),
+    score it on validation and test, and publish its slot at ``out`` (``metrics.json`` last).
+    Returns the :class:`covid_models.train.TrainResult`; a complete slot is read back, not rebuilt."""
+    import keras
+
+    from covid_models.data import image_dataset, load_split_data
+    from covid_models.evaluate import classification_metrics, plot_confusion
+    from covid_models.train import TrainResult, load_trained_model, model_slot
+
+    slot = model_slot(out)
+    stored = slot.record()
+    if stored is not None:
+        log.info("the ensemble is already built at %s: nothing to do", slot.uri)
+        return TrainResult(**{**stored["result"], "status": "cached", "out": slot.uri})
+    t0 = time.perf_counter()
+    loaded = [
+        (load_trained_model(open_store(m["out"]).uri_for("model.keras")), float(m["temperature"])) for m in members
+    ]
+    model = build_ensemble(loaded)
+    size = int(model.input_shape[1])
+    data = load_split_data(split_uri, max_per_class=max_per_class)
+    metrics = {}
+    for split in ("val", "test"):
+        if data.size(split):
+            ds = image_dataset(data, split, size=size, channels=1, batch_size=32)
+            metrics[split] = classification_metrics(model.predict(ds, verbose=0), data.files(split)[1])
+    seconds = time.perf_counter() - t0
+    member_cfgs = [
+        {**{k: m[k] for k in ("model", "out", "temperature")}, "input_size": int(mod.input_shape[1])}
+        for m, (mod, _) in zip(members, loaded, strict=True)
+    ]
+    config = {
+        "model": ENSEMBLE,
+        "split": split_uri,
+        "out": out,
+        "input_size": size,
+        "channels": 1,
+        "epochs": 0,
+        "weights": ENSEMBLE,
+        "max_per_class": max_per_class,
+        "members": member_cfgs,
+        "recipe": RECIPE,
+    }
+    with tempfile.TemporaryDirectory(prefix="covid-ensemble-") as tmp:
+        tmp = Path(tmp)
+        model.save(tmp / "model.keras")
+        slot.put_file("model.keras", tmp / "model.keras")
+        for split, m in metrics.items():
+            plot_confusion(m["confusion_matrix"], f"{ENSEMBLE}: {split}", tmp / f"confusion_{split}.png")
+            slot.put_file(f"confusion_{split}.png", tmp / f"confusion_{split}.png")
+        file_bytes = (tmp / "model.keras").stat().st_size
+    val, test = metrics.get("val", {}), metrics.get("test")
+    result = TrainResult(
+        model=ENSEMBLE,
+        out=slot.uri,
+        status="trained",
+        val_accuracy=val.get("accuracy", float("nan")),
+        val_loss=val.get("loss", float("nan")),
+        test_accuracy=test["accuracy"] if test else None,
+        test_macro_f1=test["macro_f1"] if test else None,
+        test_covid_sensitivity=test["covid_sensitivity"] if test else None,
+        params=int(model.count_params()),
+        file_bytes=file_bytes,
+        train_seconds=round(seconds, 2),
+        epochs=0,
+        extra={"members": [m["model"] for m in members]},
+    )
+    doc = {
+        "result": result.to_dict(),
+        "config": config,
+        "weights": {"kind": ENSEMBLE, "members": [m["model"] for m in members]},
+        "classes": list(CLASSES),
+        "metrics": json.loads(json.dumps(metrics, default=float)),
+    }
+    keras.backend.clear_session()
+    if not slot.complete(doc):
+        return TrainResult(**{**slot.record()["result"], "status": "cached"})
+    log.info(
+        "ensemble of %s: val accuracy %.4f, test accuracy %s",
+        ", ".join(m["model"] for m in members),
+        result.val_accuracy,
+        "-" if result.test_accuracy is None else f"{result.test_accuracy:.4f}",
+    )
+    return result
+
+
+def member_heatmaps(model, images: np.ndarray, class_index: np.ndarray, gradcam_fn) -> np.ndarray:
+    """Grad-CAM of an ensemble: the mean of its members' maps for the ensemble's class, each member
+    explained on the input it sees (resized as in the model), renormalised to a peak of 1."""
+    import tensorflow as tf
+
+    n, h, w = images.shape[:3]
+    total = np.zeros((n, h, w), "float32")
+    for m in members_of(model):
+        s = int(m.input_shape[1])
+        x = images if s == h else tf.image.resize(images, (s, s), method="bilinear").numpy()
+        heat = gradcam_fn(m, x, class_index)
+        if s != h:
+            heat = tf.image.resize(heat[..., None], (h, w), method="bilinear").numpy()[..., 0]
+        total += heat
+    peak = total.max(axis=(1, 2), keepdims=True)
+    return np.divide(total, peak, out=np.zeros_like(total), where=peak > 0)
