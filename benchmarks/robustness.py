@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -94,7 +95,8 @@ def main() -> None:
             "rows": rows,
         }
         print(f"{e['model']}: clean accuracy {rows['clean']['accuracy']:.4f}", flush=True)
-    write_json(res, args.out or OUT_DIR / f"robustness{'' if args.split == 'test' else '-' + args.split}.json")
+    default = OUT_DIR / ("robustness.json" if args.split == "test" else f"robustness-{args.split}.json")
+    write_json(res, Path(args.out) if args.out else default)
     print(machine_line(res["machine"]))
     print(f"\nRun `{run_id}`, {res['n']} {args.split} images. Accuracy (change in points) / COVID sensitivity:\n")
     names = list(res["models"])

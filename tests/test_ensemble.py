@@ -59,6 +59,8 @@ def test_ensemble_is_the_mean_of_calibrated_members_and_a_stored_slot(members, s
 
     out = ensemble_slot_uri(str(tmp_path / "store"), "h1", members)
     assert out != ensemble_slot_uri(str(tmp_path / "store"), "h1", [members[0], {**members[1], "temperature": 0.9}])
+    # What a kill mid-build leaves (objects, no marker) is replaced, never trusted.
+    open_store(out).put_bytes("model.keras", b"half a model")
     result = build_and_evaluate(members, small_split, out)
     assert result.model == "ensemble" and result.status == "trained" and result.epochs == 0
     stored = model_slot(out).record()
