@@ -33,6 +33,7 @@ def test_prepare_data_runs_from_its_deployment(prefect_cli, tmp_path: Path):
     )
     assert "Completed" in res.stdout, res.stdout + prefect_cli.log("worker-local-process.log")
     keys = open_store(store).list()
-    assert sum(k.endswith(".png") for k in keys) == 40
+    assert sum(k.endswith(".png") and "/images/" in k for k in keys) == 40
+    assert sum(k.endswith(".png") and "/masks/" in k for k in keys) == 4  # the usable lung masks
     assert any(k.endswith("/split.parquet") for k in keys)
     assert any(k.endswith("/validation/any-" + k.split("/validation/any-")[-1]) for k in keys if "/validation/" in k)
