@@ -58,11 +58,12 @@ def _smoke_sized(model: str) -> dict:
     return {"input_size": 64, "epochs": 1, "fine_tune_epochs": 0, **weights}
 
 
-def _promotable_params(source: Path, store: str) -> dict:
+def _promotable_params(source: Path, store: str, ensemble: int = 0) -> dict:
     """Smoke-sized training under the cpu preset: its test set is not capped, so it may promote
-    (a smoke run never can)."""
+    (a smoke run never can). ``ensemble``: the preset's averaged ensemble (0: none)."""
     models = ["custom_cnn", "mobilenet_v2", "vgg16"]
     return {
+        "ensemble": ensemble,
         **_smoke_params(source, store),
         "preset": "cpu",
         "models": models,
@@ -114,9 +115,11 @@ def test_retrain_adhoc_deployment_end_to_end(prefect_cli, tmp_path):
     _deploy_and_start(cli, tmp_path)
     source = make_kaggle_folder(tmp_path / "src", n_per_class=30, seed=61)
     store = str(tmp_path / "store")
-    params = _promotable_params(source, store)
+    params = _promotable_params(source, store, ensemble=3)
     first = _check_run(cli, store, _run(cli, params), tmp_path)
     assert {r["status"] for r in first["board"]} == {"trained"}
+    ensemble = next(r for r in first["board"] if r["model"] == "ensemble")  # ranked with the others
+    assert "average of the calibrated probabilities of" in ensemble["weights"] and len(first["board"]) == 4
     champion = json.loads(open_store(store).read_text("champion.json"))
     assert champion["run_id"] == first["record"]["run_id"] and champion["model"] == first["board"][0]["model"]
 
