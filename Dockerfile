@@ -16,7 +16,7 @@ FROM python:${PYTHON_VERSION}-slim
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PREFECT_LOGGING_EXTRA_LOGGERS=covid_data,covid_models
+    PREFECT_LOGGING_EXTRA_LOGGERS=covid_data,covid_models,covid_eval,covid_registry,covid_app
 
 # The flow code lives here; the vertex-tpu deployment's pull step sets this working directory.
 WORKDIR /opt/covid-xray

@@ -39,7 +39,7 @@ def add_mobilenet_224(app: Path) -> None:
     import keras
 
     from covid_models.builders import build_model
-    from covid_models.export import export_tflite
+    from covid_registry.convert import export_tflite
 
     model = build_model("mobilenet_v2", input_size=224, channels=1, weights=str(MOBILENET_V2_WEIGHTS))
     out = app / "models" / f"{EXTRA}.tflite"

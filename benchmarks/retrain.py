@@ -71,7 +71,7 @@ def run_preset(preset: str, keep: bool, stand_in: bool = False) -> dict:
         folder = base / "stand-in-weights"
         stand_ins = stand_in_weights(folder, Path(os.environ["COVID_WEIGHTS_DIR"]))
         os.environ["COVID_WEIGHTS_DIR"] = str(folder)
-    from covid_models.leaderboard import to_markdown
+    from covid_eval.leaderboard import to_markdown
     from flows.retrain import retrain
 
     t0 = time.perf_counter()

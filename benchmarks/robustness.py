@@ -8,7 +8,7 @@ for robustness is chosen there; the test split only judges); ``--model-uri`` sco
 slots instead of a run's published models (e.g. candidate recipes before any run publishes them).
 
 For the run's published (top) models — default: the champion's run — the test images are decoded at
-their stored size, shifted (covid_models.shifts: JPEG q30/50/75, down-up sampling to 128 px, gamma
+their stored size, shifted (covid_eval.shifts: JPEG q30/50/75, down-up sampling to 128 px, gamma
 0.7/1.4, contrast -/+30%, Gaussian noise sigma 5/10, a 5% crop and shift, inversion of 5% of the
 images; fixed seeds, the same shifted images for every model), then resized by the pipeline's own
 ``tf.image.resize`` and scored. Goal: the champion loses at most 2 points of accuracy under every
@@ -57,10 +57,10 @@ def main() -> None:
 
     from covid_app.serve import resolve_run
     from covid_data.store import open_store
-    from covid_models.champion import current
+    from covid_eval.shifts import EXEMPT, SHIFTS, apply
     from covid_models.data import load_split_data
-    from covid_models.shifts import EXEMPT, SHIFTS, apply
     from covid_models.train import load_trained_model, model_slot
+    from covid_registry.champion import current
 
     store = open_store(args.store)
     run_id = resolve_run(store, args.run)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from covid_data.store import Unit, open_store, split_object_uri
-from covid_models.evaluate import wilson_interval
-from covid_models.export import DISCLAIMER
-from covid_models.model_card import DATA_LIMITS, describe_weights
+from covid_models.metrics import wilson_interval
+from covid_registry.convert import DISCLAIMER
+from covid_registry.model_card import DATA_LIMITS, describe_weights
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ def _fixed_batch_tflite(local: Path, model_uri: str, out: Path) -> Path:
     sig = tf.lite.Interpreter(model_path=str(local)).get_input_details()[0]["shape_signature"]
     if int(sig[0]) == 1:
         return local
-    from covid_models.export import export_tflite
     from covid_models.train import load_trained_model
+    from covid_registry.convert import export_tflite
 
     log.info("%s has a dynamic batch: converting a fixed-batch copy for the app", local.name)
     export_tflite(load_trained_model(open_store(model_uri).uri_for("model.keras")), out)
@@ -284,7 +284,7 @@ def build_run_app(
     """(bundle record, why there is no guard or None): the run's bundle with its split's guard
     (fitted once) and the store's current champion marked. What ``retrain`` and ``make app`` call."""
     from covid_app.guard import GuardUnavailableError, ensure_guard
-    from covid_models import champion as registry
+    from covid_registry import champion as registry
 
     try:
         guard, note = ensure_guard(store_uri, dataset["split"], dataset["split_hash"]), None

@@ -187,7 +187,7 @@ def ensure_guard(store_uri: str, split_uri: str, split_hash: str) -> dict[str, A
 def export_guard(model, out: Path) -> None:
     import tensorflow as tf
 
-    from covid_models.export import _log_beside, converter_output
+    from covid_registry.convert import _log_beside, converter_output
 
     with converter_output(_log_beside(out), "TFLite converter"):
         out.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())

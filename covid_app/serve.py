@@ -47,7 +47,7 @@ def resolve_run(store: Store, run_id: str | None) -> str:
     """The run to serve: ``run_id``, else the champion's, else the newest complete run."""
     if run_id:
         return run_id
-    from covid_models import champion as registry
+    from covid_registry import champion as registry
 
     champ = registry.current(store)
     if champ and champ.get("run_id"):

@@ -1,4 +1,4 @@
-"""The paper's nine models: builders, input pipeline, training and evaluation."""
+"""The paper's nine models: builders, input pipeline, training, the ensemble and the stored-model object."""
 
 from covid_models.builders import MODEL_NAMES, build_model
 

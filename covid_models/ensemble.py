@@ -94,7 +94,7 @@ def build_and_evaluate(members: list[dict[str, Any]], split_uri: str, out: str, 
     import keras
 
     from covid_models.data import image_dataset, load_split_data
-    from covid_models.evaluate import classification_metrics, plot_confusion
+    from covid_models.metrics import classification_metrics, plot_confusion
     from covid_models.train import TrainResult, load_trained_model, model_slot
 
     slot = model_slot(out)

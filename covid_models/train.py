@@ -33,8 +33,8 @@ from covid_data.store import Unit, open_store
 from covid_models.builders import build_model, is_transfer, set_trainable
 from covid_models.checkpoints import HISTORY_KEYS, Checkpoints
 from covid_models.data import global_batch_size, image_dataset, load_split_data
-from covid_models.evaluate import classification_metrics, plot_confusion, plot_history
 from covid_models.feature_cache import compute_features
+from covid_models.metrics import classification_metrics, plot_confusion, plot_history
 from covid_models.train_config import TrainConfig, resolve_weights, training_identity
 
 __all__ = ["MARKER", "TrainConfig", "TrainResult", "cached_result", "load_trained_model", "model_slot", "train_model"]

@@ -8,7 +8,7 @@ resolve-model -> fetch-source -> build-manifest -> publish-dataset -> validate-e
     python -m flows.evaluate --model .store/models/<split hash>/<model>-<key> --source their-xrays.zip
 
 The result is stored under ``evaluations/<model key>/<dataset version>/`` (see
-covid_models.external_eval) and shown as the ``external-evaluation`` artifact.
+covid_eval.external) and shown as the ``external-evaluation`` artifact.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from covid_models.external_eval import DEFAULT_NEAR_DUP_DISTANCE, summary
+from covid_eval.external import DEFAULT_NEAR_DUP_DISTANCE, summary
 from flows.prepare_data import DEFAULT_STORE
 from tasks.credentials import DEFAULT_SECRET_BLOCK
 from tasks.data import build_manifest, fetch_source, publish_dataset

@@ -16,10 +16,10 @@ from prefect import flow, get_run_logger, runtime
 
 from covid_data.split import SplitConfig
 from covid_data.store import open_store
-from covid_models.bless import candidate_record, external_gate
+from covid_eval.leaderboard import with_columns
 from covid_models.builders import MODEL_NAMES
-from covid_models.leaderboard import with_columns
 from covid_models.presets import PRESETS, get_preset
+from covid_registry.bless import candidate_record, external_gate
 from flows.prepare_data import DEFAULT_SOURCE, DEFAULT_STORE, add_data_arguments, data_settings, prepare_data
 from tasks.app import build_app
 from tasks.credentials import DEFAULT_SECRET_BLOCK
@@ -266,7 +266,7 @@ def _external_columns(externals: dict[str, list[dict]], sources: list[str]) -> d
 
 
 def _shortcut_columns(explain: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The shortcut score beside what a uniform map scores (see covid_models.gradcam)."""
+    """The shortcut score beside what a uniform map scores (see covid_eval.gradcam)."""
     return {
         x["model"]: {"shortcut (uniform)": f"{x['shortcut_score']:.2f} ({x['baseline']:.2f})"}
         for x in explain or []

@@ -1,4 +1,4 @@
-"""Tasks of external evaluation: thin wrappers over covid_models.external_eval.
+"""Tasks of external evaluation: thin wrappers over covid_eval.external.
 
 Between tasks only small records travel: the model's reference, the dataset version, counts,
 the duplicates table and the scored rows (paths and labels) with their probabilities.
@@ -15,7 +15,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from covid_data.store import read_object
-from covid_models import external_eval as ee
+from covid_eval import external as ee
 from tasks.credentials import DEFAULT_SECRET_BLOCK, prefect_secret_credentials
 
 ARTIFACT_KEY = "external-evaluation"

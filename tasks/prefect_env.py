@@ -4,7 +4,7 @@ import logging
 import os
 
 # Show the plain library modules' log lines in the Prefect UI beside the task logs.
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "covid_data,covid_models")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "covid_data,covid_models,covid_eval,covid_registry,covid_app")
 # These machines (and many clusters) have no route to Prefect's telemetry endpoint.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # TensorFlow's C++ start-up chatter (CUDA probes, oneDNN notes) is noise in task logs.

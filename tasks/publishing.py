@@ -1,6 +1,6 @@
 """Tasks that judge and publish a run: bless (re-score the champion), the run folder, promotion.
 
-Thin wrappers over covid_models.bless, covid_models.champion and covid_models.run_folder.
+Thin wrappers over covid_registry.bless, covid_registry.champion and covid_registry.run_folder.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from covid_data.store import open_store
-from covid_models import champion as registry
-from covid_models.bless import bless
-from covid_models.run_folder import complete_run, report_markdown, write_run_folder
+from covid_registry import champion as registry
+from covid_registry.bless import bless
+from covid_registry.run_folder import complete_run, report_markdown, write_run_folder
 
 
 def _plain(obj: Any) -> Any:

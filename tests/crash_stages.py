@@ -62,7 +62,7 @@ def _records(store_uri: str) -> tuple[list[dict], dict]:
 
 
 def _exports(records: list[dict], data: dict) -> list[dict]:
-    from covid_models.model_exports import ensure_exports
+    from covid_registry.exports import ensure_exports
 
     out = []
     for r in records:
@@ -98,10 +98,10 @@ def run_stage(stage: str, source: str, store_uri: str, run_id: str) -> None:
     exports = _exports(records, data)
     if stage == "export":
         return
-    from covid_models import champion as registry
-    from covid_models.bless import bless, candidate_record
-    from covid_models.leaderboard import leaderboard, to_markdown
-    from covid_models.run_folder import complete_run, report_markdown, run_unit, write_run_folder
+    from covid_eval.leaderboard import leaderboard, to_markdown
+    from covid_registry import champion as registry
+    from covid_registry.bless import bless, candidate_record
+    from covid_registry.run_folder import complete_run, report_markdown, run_unit, write_run_folder
 
     board = leaderboard(records)
     rows = board.astype(object).where(board.notna(), None).to_dict("records")

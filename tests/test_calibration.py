@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from covid_models.calibration import (
+from covid_eval.calibration import (
     apply_temperature,
     calibrate,
     calibrated_model,
     ensure_calibration,
     fit_temperature,
 )
-from covid_models.evaluate import expected_calibration_error
+from covid_models.metrics import expected_calibration_error
 
 
 def _overconfident(n: int = 400, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -78,8 +78,8 @@ def test_real_model_validation_ece_does_not_get_worse_and_is_stored_once(trained
 
 def test_exports_carry_the_temperature(trained, tmp_path):
     from covid_models.data import image_dataset, load_split_data
-    from covid_models.model_exports import ensure_exports
     from covid_models.train import load_trained_model
+    from covid_registry.exports import ensure_exports
 
     model_uri, split = trained
     t = 2.5  # any temperature: the TFLite file must give exactly the scaled Keras probabilities

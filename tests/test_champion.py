@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from covid_data.store import open_store, split_object_uri
-from covid_models.bless import bless, candidate_record, mcnemar_exact, score_model, split_sha256
-from covid_models.champion import (
+from covid_registry.bless import bless, candidate_record, mcnemar_exact, score_model, split_sha256
+from covid_registry.champion import (
     CHAMPION,
     ChampionError,
     current,
@@ -265,8 +265,8 @@ _PROCESS_SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from covid_models.bless import bless
-    from covid_models.champion import decide_and_promote, read_champion
+    from covid_registry.bless import bless
+    from covid_registry.champion import decide_and_promote, read_champion
 
     store, rec_file, me, other = sys.argv[1:5]
     rec = json.loads(Path(rec_file).read_text())
@@ -400,7 +400,7 @@ def test_history_records_every_decision_and_rollback_restores(world, store_uri, 
 
 
 def test_a_rollback_that_loses_the_race_changes_nothing_and_says_so(world, tmp_path, monkeypatch):
-    import covid_models.champion as registry
+    import covid_registry.champion as registry
 
     store = str(tmp_path / "store")
     kw = {**RULES, "margin": -2.0, "cache_dir": world.cache}  # -2: any challenger beats the champion
@@ -428,7 +428,7 @@ def test_a_rollback_that_loses_the_race_changes_nothing_and_says_so(world, tmp_p
 _CRASH_SCRIPT = textwrap.dedent(
     """
     import json, sys
-    from covid_models.champion import evaluate_and_promote
+    from covid_registry.champion import evaluate_and_promote
     rec = json.loads(open(sys.argv[2]).read())
     evaluate_and_promote(sys.argv[1], rec, run_succeeded=True, margin=0.0, covid_sensitivity_floor=0.0)
     """
@@ -470,7 +470,7 @@ def test_a_kill_between_store_writes_needs_no_person(world, tmp_path, kill_after
 # -- command line --------------------------------------------------------------------------------
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "covid_models.champion", *args],
+        [sys.executable, "-m", "covid_registry.champion", *args],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,

@@ -42,7 +42,7 @@ def _api(cli, path: str, body: dict) -> list[dict]:
 def _labels(package: Path) -> list[str]:
     import coremltools as ct
 
-    from covid_models.export import _classify_labels
+    from covid_registry.convert import _classify_labels
 
     return _classify_labels(ct.models.MLModel(str(package), skip_model_load=True).get_spec())
 

@@ -49,13 +49,13 @@ def test_ensemble_is_the_mean_of_calibrated_members_and_a_stored_slot(members, s
 
     from covid_data.labels import CLASSES
     from covid_data.store import open_store
+    from covid_eval.gradcam import gradcam, gradcam_with_probs
     from covid_models.data import image_dataset, load_split_data
     from covid_models.ensemble import build_and_evaluate, describe_members, ensemble_slot_uri
-    from covid_models.evaluate import classification_metrics
-    from covid_models.export import export_tflite, tflite_parity
-    from covid_models.gradcam import gradcam, gradcam_with_probs
-    from covid_models.model_card import describe_weights, model_card
+    from covid_models.metrics import classification_metrics
     from covid_models.train import load_trained_model, model_slot
+    from covid_registry.convert import export_tflite, tflite_parity
+    from covid_registry.model_card import describe_weights, model_card
 
     out = ensemble_slot_uri(str(tmp_path / "store"), "h1", members)
     assert out != ensemble_slot_uri(str(tmp_path / "store"), "h1", [members[0], {**members[1], "temperature": 0.9}])
@@ -113,7 +113,7 @@ def test_ensemble_is_the_mean_of_calibrated_members_and_a_stored_slot(members, s
 
 
 def test_build_ensemble_task_picks_the_best_on_validation(members, small_split, tmp_path):
-    from covid_models.calibration import calibration_unit
+    from covid_eval.calibration import calibration_unit
     from tasks.models import build_ensemble
 
     for m in members:  # stored calibrations, as export_model would have written them

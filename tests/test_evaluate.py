@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from covid_data.store import open_store
-from covid_models import external_eval as ee
+from covid_eval import external as ee
 from tests.conftest import CLASSES, REPO, SAMPLE_ROOT, make_kaggle_folder, sample_files
 
 # Flat layout, class folders named as other mirrors name them.
@@ -28,9 +28,9 @@ def trained(tmp_path_factory) -> dict:
     (32 px, one epoch), a run folder naming it and a champion pointing at it."""
     from covid_data.dataset import fetch_dataset, load_manifest
     from covid_data.split import SplitConfig, write_split
-    from covid_models.champion import CHAMPION
-    from covid_models.run_folder import run_unit
     from covid_models.train import TrainConfig, train_model
+    from covid_registry.champion import CHAMPION
+    from covid_registry.run_folder import run_unit
 
     base = tmp_path_factory.mktemp("evaluate")
     ref = fetch_dataset(str(make_kaggle_folder(base / "src", n_per_class=8, seed=41, extras=False)), str(base / "s"))

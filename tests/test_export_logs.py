@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from covid_models.builders import build_model
-from covid_models.export import (
+from covid_registry.convert import (
     CONVERTER_LOGGERS,
     TFLITE_MAX_PROB_DIFF,
     convert_coreml,

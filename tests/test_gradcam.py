@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covid_models.gradcam import (
+from covid_eval.gradcam import (
     border_mask,
     card_lines,
     gradcam,
@@ -144,8 +144,8 @@ def _model_slot(root: Path, size: int = 32) -> str:
 def _run_folder_pictures(store: str, run_id: str) -> None:
     import tempfile
 
-    from covid_models.evaluate import plot_confusion, plot_history
-    from covid_models.run_folder import run_unit
+    from covid_models.metrics import plot_confusion, plot_history
+    from covid_registry.run_folder import run_unit
 
     unit = run_unit(store, run_id)
     with tempfile.TemporaryDirectory() as tmp:
@@ -166,8 +166,8 @@ def test_gallery_is_fixed_and_the_report_shows_it_inline(small_split, tmp_path):
     from PIL import Image
 
     from covid_data.store import open_store
-    from covid_models.gradcam import gallery
-    from covid_models.run_folder import report_markdown, with_card_section
+    from covid_eval.gradcam import gallery
+    from covid_registry.run_folder import report_markdown, with_card_section
     from tasks.explain import explain_models
 
     uri = _model_slot(tmp_path)
@@ -247,7 +247,7 @@ def test_shortcut_score_uses_the_lung_masks_where_the_source_has_them(tmp_path):
     from covid_data.dataset import fetch_dataset, load_manifest
     from covid_data.split import SplitConfig, write_split
     from covid_data.store import open_store
-    from covid_models.gradcam import _load_masks
+    from covid_eval.gradcam import _load_masks
     from tasks.explain import explain_models
     from tests.conftest import make_kaggle_folder
 

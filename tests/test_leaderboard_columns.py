@@ -3,8 +3,8 @@ promotion gate."""
 
 from __future__ import annotations
 
-from covid_models.bless import external_gate
-from covid_models.leaderboard import leaderboard, with_columns
+from covid_eval.leaderboard import leaderboard, with_columns
+from covid_registry.bless import external_gate
 
 
 def _board() -> dict:

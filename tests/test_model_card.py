@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from covid_models.model_card import describe_weights, model_card
+from covid_registry.model_card import describe_weights, model_card
 
 
 def _metrics(n: int, acc: float) -> dict:

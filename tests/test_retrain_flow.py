@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from covid_data.store import open_store
-from covid_models.leaderboard import leaderboard
+from covid_eval.leaderboard import leaderboard
 from flows.retrain import retrain
 from tests.conftest import SHARED, make_kaggle_folder
 

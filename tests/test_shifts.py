@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from covid_models.shifts import SHIFTS, apply
+from covid_eval.shifts import SHIFTS, apply
 
 
 @pytest.fixture

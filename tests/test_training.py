@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covid_models.evaluate import classification_metrics, expected_calibration_error, wilson_interval
+from covid_models.metrics import classification_metrics, expected_calibration_error, wilson_interval
 from covid_models.train import TrainConfig, load_trained_model, train_model
 from tests.conftest import MOBILENET_WEIGHTS, REPO
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from covid_data.store import Unit, open_store
-from covid_models.evaluate import expected_calibration_error
+from covid_models.metrics import expected_calibration_error
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from covid_models.builders import is_transfer
 from covid_models.ensemble import describe_members, is_ensemble
-from covid_models.evaluate import wilson_interval
-from covid_models.export import DISCLAIMER
+from covid_models.metrics import wilson_interval
+from covid_registry.convert import DISCLAIMER
 
 # Known limits of the data, on every model card and in the app.
 DATA_LIMITS = [

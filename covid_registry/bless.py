@@ -64,7 +64,7 @@ class Scores:
 
     def subset(self, keep: np.ndarray) -> Scores:
         """The same scores restricted to the rows where ``keep`` is true (metrics recomputed)."""
-        from covid_models.evaluate import classification_metrics
+        from covid_models.metrics import classification_metrics
 
         keep = np.asarray(keep, dtype=bool)
         probs, labels = self.probabilities[keep], self.labels[keep]
@@ -111,7 +111,7 @@ def score_model(
     """
     from covid_data.dataset import default_cache_dir
     from covid_models.data import image_dataset, load_split_data
-    from covid_models.evaluate import classification_metrics
+    from covid_models.metrics import classification_metrics
     from covid_models.train import load_trained_model
 
     slot = open_store(model_uri)

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from covid_data.store import Unit, open_store
-from covid_models.export import (
+from covid_registry.convert import (
     COREML_MAX_PROB_DIFF,
     TFLITE_MAX_PROB_DIFF,
     ExportCheckError,
@@ -101,7 +101,7 @@ def ensure_exports(
 ) -> dict[str, dict[str, Any]]:
     """``{variant: record}`` for each wanted variant, converting only those not yet complete.
 
-    ``temperature`` (covid_models.calibration) is built into the exported graph, so every format
+    ``temperature`` (covid_eval.calibration) is built into the exported graph, so every format
     gives calibrated probabilities."""
     slots = {v: export_slot(model_uri, v) for v in variants}
     records = {v: s.record() for v, s in slots.items()}
@@ -126,7 +126,7 @@ def ensure_exports(
         raise FileNotFoundError(f"{model_uri} holds no complete model (no metrics.json): nothing to export")
     cfg = stored["config"]
     name = cfg["model"]
-    from covid_models.calibration import calibrated_model
+    from covid_eval.calibration import calibrated_model
 
     model = calibrated_model(load_trained_model(open_store(model_uri).uri_for("model.keras")), temperature)
     images = _test_images(split_uri, cfg["input_size"], cfg["channels"], parity_images, max_per_class)

@@ -1,12 +1,12 @@
 """The champion: a registry pointer with compare-and-swap, an append-only history, and rollback.
 
-    python -m covid_models.champion show --store URI
-    python -m covid_models.champion history --store URI
-    python -m covid_models.champion rollback --store URI --to SEQ [--reason TEXT]
+    python -m covid_registry.champion show --store URI
+    python -m covid_registry.champion history --store URI
+    python -m covid_registry.champion rollback --store URI --to SEQ [--reason TEXT]
 
 Layout in the store (as a model registry keeps it):
 
-* ``champion.json`` (the pointer): the champion record (see :func:`covid_models.bless.candidate_record`)
+* ``champion.json`` (the pointer): the champion record (see :func:`covid_registry.bless.candidate_record`)
   plus ``history_seq``, the history entry that made it, and ``promoted``, when. It is only ever
   replaced by compare-and-swap (:meth:`Store.put_if_match`) and only with a record whose model
   slot is complete, so it always parses and points at a usable model.
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_data.store import ObjectExistsError, Store, open_store
-from covid_models.bless import Blessing, Comparison, bless, slot_complete
+from covid_registry.bless import Blessing, Comparison, bless, slot_complete
 
 log = logging.getLogger(__name__)
 
@@ -452,7 +452,7 @@ def format_history(entries: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m covid_models.champion",
+        prog="python -m covid_registry.champion",
         description="Show the champion model of a store, its decision history, or roll it back.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="{show,history,rollback}")

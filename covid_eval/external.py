@@ -15,7 +15,7 @@
   images are listed (``duplicates.csv``) and, by default, not scored. Matches with the model's
   test split are listed too (they stay in).
 * **Scores**: the images go through the pipeline's reader (``decode_resize``) at the model's
-  input size; the metrics are :func:`covid_models.evaluate.classification_metrics` with 95%
+  input size; the metrics are :func:`covid_models.metrics.classification_metrics` with 95%
   intervals, and each headline figure is set against the model's own test figure.
 
 Output: a stored unit ``evaluations/<model key>/<dataset version>/`` (``confusion.png``,
@@ -85,7 +85,7 @@ class ModelRef:
 
     def identity(self) -> dict[str, Any]:
         """The model as the evaluation record names it."""
-        from covid_models.model_card import describe_weights
+        from covid_registry.model_card import describe_weights
 
         parts = self.split_uri.rstrip("/").split("/")
         return {
@@ -139,8 +139,8 @@ def _slot(uri: str, what: str) -> ModelRef:
 
 def resolve_model(reference: str, store: str) -> ModelRef:
     """``champion``, ``<run id>/<model>`` or a model slot URI -> the complete slot it names."""
-    from covid_models.champion import current
-    from covid_models.run_folder import run_unit
+    from covid_registry.champion import current
+    from covid_registry.run_folder import run_unit
 
     ref = str(reference).strip()
     st = open_store(store)
@@ -432,7 +432,7 @@ def external_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """:func:`classification_metrics` plus intervals, made honest about absent classes: their
     recall and F1 are None (support 0), and macro-F1 is over the classes present (the four-class
     figure, which counts each absent class as F1 0, is kept as ``macro_f1_four_classes``)."""
-    from covid_models.evaluate import classification_metrics, wilson_interval
+    from covid_models.metrics import classification_metrics, wilson_interval
 
     y = np.asarray(y, dtype="int64")
     if not len(y):
@@ -474,7 +474,7 @@ def compare_to_test(ext: dict[str, Any], test: dict[str, Any] | None) -> dict[st
     """Each headline figure on the set and on the model's own test split, with both 95% intervals,
     and the change (set minus test) with its interval. Macro-F1 is compared over the classes the
     set has, on both sides (from the test split's confusion matrix)."""
-    from covid_models.evaluate import wilson_interval
+    from covid_models.metrics import wilson_interval
 
     classes = ext.get("macro_f1_classes") or list(CLASSES)
     out: dict[str, Any] = {"classes": classes}
@@ -710,7 +710,7 @@ def write_evaluation(
 ) -> dict[str, Any]:
     """Metrics, comparison, plots and the report into the evaluation's unit, ``evaluation.json``
     last. A unit that is already complete is returned as it is."""
-    from covid_models.evaluate import plot_confusion
+    from covid_models.metrics import plot_confusion
 
     version = dataset["version"]
     unit = evaluation_unit(
