@@ -59,7 +59,7 @@ def main() -> None:
     from covid_data.store import open_store
     from covid_eval.shifts import EXEMPT, SHIFTS, apply
     from covid_models.data import load_split_data
-    from covid_models.train import load_trained_model, model_slot
+    from covid_models.stored import load_trained_model, model_slot
     from covid_registry.champion import current
 
     store = open_store(args.store)

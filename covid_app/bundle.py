@@ -21,9 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from covid_data.store import Unit, open_store, split_object_uri
+from covid_app.guard import GuardUnavailableError, ensure_guard
+from covid_data.labels import CLASSES
+from covid_data.store import Store, Unit, as_store, split_object_uri
+from covid_eval.calibration import calibrated_model
 from covid_models.metrics import wilson_interval
-from covid_registry.convert import DISCLAIMER
+from covid_models.stored import StoredModel
+from covid_registry import champion as registry
+from covid_registry.convert import DISCLAIMER, export_tflite
 from covid_registry.model_card import DATA_LIMITS, describe_weights
 
 log = logging.getLogger(__name__)
@@ -43,8 +48,8 @@ class AppBuildUnavailable(RuntimeError):
     """The page's scripts cannot be built here (no Node.js/npm, or no app sources)."""
 
 
-def app_unit(store_uri: str, run_id: str) -> Unit:
-    return Unit(open_store(store_uri), f"runs/{run_id}/app", MARKER)
+def app_unit(store: Store | str, run_id: str) -> Unit:
+    return Unit(as_store(store), f"runs/{run_id}/app", MARKER)
 
 
 def app_source() -> Path:
@@ -102,17 +107,14 @@ def _fixed_batch_tflite(local: Path, model_uri: str, out: Path) -> Path:
     sig = tf.lite.Interpreter(model_path=str(local)).get_input_details()[0]["shape_signature"]
     if int(sig[0]) == 1:
         return local
-    from covid_models.train import load_trained_model
-    from covid_registry.convert import export_tflite
-
     log.info("%s has a dynamic batch: converting a fixed-batch copy for the app", local.name)
-    export_tflite(load_trained_model(open_store(model_uri).uri_for("model.keras")), out)
+    model = StoredModel(model_uri)  # calibrated like the stored export it replaces
+    export_tflite(calibrated_model(model.keras(), model.temperature), out)
     return out
 
 
 def _model_entry(e: dict[str, Any], rank: int, champion_uri: str | None) -> dict[str, Any]:
-    slot = open_store(e["model_uri"])
-    stored = json.loads(slot.read_text("metrics.json"))
+    stored = StoredModel(e["model_uri"]).record
     m, cfg = stored["metrics"], stored["config"]
     val, test = m.get("val", {}), m.get("test", {})
     entry = {
@@ -147,7 +149,7 @@ def _model_entry(e: dict[str, Any], rank: int, champion_uri: str | None) -> dict
 
 
 def build_app_bundle(
-    store_uri: str,
+    store: Store | str,
     run_id: str,
     *,
     dataset: dict[str, Any],
@@ -164,12 +166,12 @@ def build_app_bundle(
     adds each model's Grad-CAM gallery and shortcut score to its page. Raises :class:`AppBuildUnavailable`
     when the page cannot be built here.
     """
-    unit = app_unit(store_uri, run_id)
+    store = as_store(store)
+    unit = app_unit(store, run_id)
     done = unit.record()
     if done is not None:
         return done
     dist = ensure_dist()
-    store = open_store(store_uri)
     run = f"runs/{run_id}"
     explained = {x["model"]: x for x in explain or []}
     models = []
@@ -244,8 +246,6 @@ def build_app_bundle(
 
 
 def _classes() -> list[str]:
-    from covid_data.labels import CLASSES
-
     return list(CLASSES)
 
 
@@ -274,7 +274,7 @@ def _bytes(unit: Unit) -> int:
 
 
 def build_run_app(
-    store_uri: str,
+    store: Store | str,
     run_id: str,
     *,
     dataset: dict[str, Any],
@@ -283,17 +283,15 @@ def build_run_app(
 ) -> tuple[dict[str, Any], str | None]:
     """(bundle record, why there is no guard or None): the run's bundle with its split's guard
     (fitted once) and the store's current champion marked. What ``retrain`` and ``make app`` call."""
-    from covid_app.guard import GuardUnavailableError, ensure_guard
-    from covid_registry import champion as registry
-
+    store = as_store(store)
     try:
-        guard, note = ensure_guard(store_uri, dataset["split"], dataset["split_hash"]), None
+        guard, note = ensure_guard(store, dataset["split"], dataset["split_hash"]), None
     except GuardUnavailableError as e:
         guard, note = None, str(e)
         log.warning("the app has no out-of-distribution guard: %s", e)
-    champ = registry.current(store_uri)
+    champ = registry.current(store)
     rec = build_app_bundle(
-        store_uri,
+        store,
         run_id,
         dataset=dataset,
         exports=exports,

@@ -24,7 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from covid_data.store import Unit, open_store
+from covid_data.store import Store, Unit, as_store
+from covid_models.builders import preprocess_layer
+from covid_models.data import decode_resize, load_split_data
+from covid_models.train_config import file_sha256
+from covid_models.weights import MissingWeightsError, resolve_imagenet
+from covid_registry.convert import converter_output, log_beside
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +59,6 @@ def colourfulness(rgb: np.ndarray) -> float:
 
 
 def _weights() -> Path | str:
-    from covid_models.weights import MissingWeightsError, resolve_imagenet
 
     try:
         return resolve_imagenet(BACKBONE, INPUT_SIZE)
@@ -65,8 +69,6 @@ def _weights() -> Path | str:
 def feature_model(weights: Path | str):
     """Image (0..255, grey, ``INPUT_SIZE`` px) -> L2-normalised pooled MobileNetV2 features."""
     import keras
-
-    from covid_models.builders import preprocess_layer
 
     inp = keras.Input((INPUT_SIZE, INPUT_SIZE, 1), name="image")
     x = preprocess_layer("tf", 1)(inp)  # MobileNetV2's preprocess_input, grey -> RGB
@@ -110,8 +112,6 @@ def scores(train_mean: np.ndarray, basis: np.ndarray, features: np.ndarray) -> n
 def _features(model, paths: list[str]) -> np.ndarray:
     import tensorflow as tf
 
-    from covid_models.data import decode_resize
-
     ds = (
         tf.data.Dataset.from_tensor_slices(paths)
         .map(lambda p: tf.cast(decode_resize(p, INPUT_SIZE, 1), tf.float32), num_parallel_calls=tf.data.AUTOTUNE)
@@ -131,21 +131,18 @@ def guard_key(weights_sha256: str) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def guard_unit(store_uri: str, split_hash: str, key: str) -> Unit:
-    return Unit(open_store(store_uri), f"guards/{split_hash}/{key}", MARKER)
+def guard_unit(store: Store | str, split_hash: str, key: str) -> Unit:
+    return Unit(as_store(store), f"guards/{split_hash}/{key}", MARKER)
 
 
-def ensure_guard(store_uri: str, split_uri: str, split_hash: str) -> dict[str, Any]:
+def ensure_guard(store: Store | str, split_uri: str, split_hash: str) -> dict[str, Any]:
     """The guard of this split (fitted once): its record, with ``uri`` of ``guard.tflite``.
 
     It is fitted on the whole split even for capped (smoke) runs: it costs seconds, and a guard
     fitted on a few dozen images would flag ordinary X-rays."""
-    from covid_models.data import load_split_data
-    from covid_models.train_config import file_sha256
-
     weights = _weights()
     sha = file_sha256(str(weights)) if weights != "imagenet" else "download"
-    unit = guard_unit(store_uri, split_hash, guard_key(sha))
+    unit = guard_unit(store, split_hash, guard_key(sha))
     rec = unit.record()
     if rec is None:
         data = load_split_data(split_uri)
@@ -187,9 +184,7 @@ def ensure_guard(store_uri: str, split_uri: str, split_hash: str) -> dict[str, A
 def export_guard(model, out: Path) -> None:
     import tensorflow as tf
 
-    from covid_registry.convert import _log_beside, converter_output
-
-    with converter_output(_log_beside(out), "TFLite converter"):
+    with converter_output(log_beside(out), "TFLite converter"):
         out.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
 
 

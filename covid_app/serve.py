@@ -18,7 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from covid_app.bundle import AppBuildUnavailable, app_unit, build_run_app
-from covid_data.store import Store, open_store
+from covid_data.store import Store, as_store, open_store
+from covid_registry import champion as registry
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,6 @@ def resolve_run(store: Store, run_id: str | None) -> str:
     """The run to serve: ``run_id``, else the champion's, else the newest complete run."""
     if run_id:
         return run_id
-    from covid_registry import champion as registry
 
     champ = registry.current(store)
     if champ and champ.get("run_id"):
@@ -59,13 +59,13 @@ def resolve_run(store: Store, run_id: str | None) -> str:
     return runs[-1]
 
 
-def ensure_bundle(store_uri: str, run_id: str) -> dict[str, Any]:
+def ensure_bundle(store: Store | str, run_id: str) -> dict[str, Any]:
     """The run's app bundle record, building it from the complete run if it has none yet."""
-    unit = app_unit(store_uri, run_id)
+    store = as_store(store)
+    unit = app_unit(store, run_id)
     rec = unit.record()
     if rec is not None:
         return rec
-    store = open_store(store_uri)
     key = f"runs/{run_id}/run.json"
     if not store.exists(key):
         raise NoBundleError(f"run {run_id} in {store.uri} is not complete (no {key}): nothing to serve")
@@ -73,9 +73,7 @@ def ensure_bundle(store_uri: str, run_id: str) -> dict[str, Any]:
     if not run.get("exports"):
         raise NoBundleError(f"run {run_id} exported no models: it has no app")
     log.info("run %s has no app bundle yet: building it", run_id)
-    rec, _ = build_run_app(
-        store_uri, run_id, dataset=run["dataset"], exports=run["exports"], explain=run.get("explain")
-    )
+    rec, _ = build_run_app(store, run_id, dataset=run["dataset"], exports=run["exports"], explain=run.get("explain"))
     return rec
 
 
@@ -118,7 +116,7 @@ def handler_for(store: Store, prefix: str) -> type[BaseHTTPRequestHandler]:
 def serve(store_uri: str, run_id: str | None, host: str, port: int) -> None:
     store = open_store(store_uri)
     run = resolve_run(store, run_id)
-    rec = ensure_bundle(store_uri, run)
+    rec = ensure_bundle(store, run)
     server = ThreadingHTTPServer((host, port), handler_for(store, f"runs/{run}/app"))
     models = ", ".join(f"{m['name']}{' (champion)' if m['champion'] else ''}" for m in rec["models"])
     print(f"Serving the app of run {run} ({models}) at http://{host}:{server.server_port}/", flush=True)

@@ -621,6 +621,12 @@ def open_store(uri: str | Path) -> Store:
     return LocalStore(uri)
 
 
+def as_store(store: Store | str | Path) -> Store:
+    """``store`` itself when it is open already, else the store at that URI: functions take either,
+    so a task opens its store once and passes the object down."""
+    return store if isinstance(store, Store) else open_store(store)
+
+
 def split_object_uri(uri: str) -> tuple[Store, str]:
     """``gs://b/p/x.json`` -> (store at gs://b/p, "x.json")."""
     uri = str(uri).rstrip("/")

@@ -18,11 +18,13 @@ from typing import Any
 import numpy as np
 
 from covid_data.store import Unit, open_store
+from covid_models.data import load_split_data
 from covid_models.metrics import expected_calibration_error
+from covid_models.stored import CALIBRATION_MARKER, StoredModel
 
 log = logging.getLogger(__name__)
 
-MARKER = "calibration.json"
+MARKER = CALIBRATION_MARKER.rsplit("/", 1)[-1]  # calibration/calibration.json: StoredModel reads it
 EPS = 1e-7
 LOG_T_BOUNDS = (-3.0, 3.0)  # T in [0.05, 20]
 
@@ -75,18 +77,13 @@ def calibration_unit(model_uri: str) -> Unit:
 
 
 def _predictions(model_uri: str, split_uri: str, max_per_class: int | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from covid_models.data import image_dataset, load_split_data
-    from covid_models.train import load_trained_model, model_slot
-
-    cfg = model_slot(model_uri).record()["config"]
-    model = load_trained_model(open_store(model_uri).uri_for("model.keras"))
+    model = StoredModel(model_uri)
     data = load_split_data(split_uri, max_per_class=max_per_class)
     out = {}
     for split in ("val", "test"):
-        if not data.size(split):
-            continue
-        ds = image_dataset(data, split, size=cfg["input_size"], channels=cfg["channels"], batch_size=32)
-        out[split] = (model.predict(ds, verbose=0), data.files(split)[1])
+        if data.size(split):
+            probs, frame = model.predict_split(data, split)
+            out[split] = (probs, frame["y"].to_numpy(dtype="int32"))
     return out
 
 

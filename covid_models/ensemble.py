@@ -23,6 +23,10 @@ import numpy as np
 
 from covid_data.labels import CLASSES
 from covid_data.store import open_store
+from covid_models.data import image_dataset, load_split_data
+from covid_models.metrics import classification_metrics, plot_confusion
+from covid_models.stored import StoredModel, model_slot
+from covid_models.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +97,13 @@ def build_and_evaluate(members: list[dict[str, Any]], split_uri: str, out: str, 
     Returns the :class:`covid_models.train.TrainResult`; a complete slot is read back, not rebuilt."""
     import keras
 
-    from covid_models.data import image_dataset, load_split_data
-    from covid_models.metrics import classification_metrics, plot_confusion
-    from covid_models.train import TrainResult, load_trained_model, model_slot
-
     slot = model_slot(out)
     stored = slot.record()
     if stored is not None:
         log.info("the ensemble is already built at %s: nothing to do", slot.uri)
         return TrainResult(**{**stored["result"], "status": "cached", "out": slot.uri})
     t0 = time.perf_counter()
-    loaded = [
-        (load_trained_model(open_store(m["out"]).uri_for("model.keras")), float(m["temperature"])) for m in members
-    ]
+    loaded = [(StoredModel(m["out"]).keras(), float(m["temperature"])) for m in members]
     model = build_ensemble(loaded)
     size = int(model.input_shape[1])
     data = load_split_data(split_uri, max_per_class=max_per_class)

@@ -35,18 +35,12 @@ from covid_models.checkpoints import HISTORY_KEYS, Checkpoints
 from covid_models.data import global_batch_size, image_dataset, load_split_data
 from covid_models.feature_cache import compute_features
 from covid_models.metrics import classification_metrics, plot_confusion, plot_history
+from covid_models.stored import MARKER, model_slot
 from covid_models.train_config import TrainConfig, resolve_weights, training_identity
 
-__all__ = ["MARKER", "TrainConfig", "TrainResult", "cached_result", "load_trained_model", "model_slot", "train_model"]
+__all__ = ["MARKER", "TrainConfig", "TrainResult", "cached_result", "model_slot", "train_model"]
 
 log = logging.getLogger(__name__)
-
-MARKER = "metrics.json"
-
-
-def model_slot(uri: str) -> Unit:
-    """The stored unit of one trained model (complete once ``metrics.json`` exists)."""
-    return Unit(open_store(uri), "", MARKER)
 
 
 @dataclass
@@ -335,18 +329,6 @@ def _inference_copy(model, cfg: TrainConfig):
     fresh = build_model(cfg.model, input_size=cfg.input_size, channels=cfg.channels, weights="none")
     fresh.set_weights(model.get_weights())
     return fresh
-
-
-def load_trained_model(uri: str):
-    """Load a ``model.keras`` from the store with Keras' safe mode on."""
-    import keras
-
-    from covid_data.store import split_object_uri
-
-    store, key = split_object_uri(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = store.get_file(key, Path(tmp) / "model.keras")
-        return keras.saving.load_model(path, safe_mode=True)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from covid_data.dataset import default_cache_dir
+from covid_data.split import load_split
 from covid_data.store import open_store
-
-MODEL_FILE = "model.keras"
-METRICS_FILE = "metrics.json"
+from covid_models.data import load_split_data
+from covid_models.metrics import classification_metrics
+from covid_models.stored import MARKER as METRICS_FILE
+from covid_models.stored import StoredModel
 
 
 class ScoringError(RuntimeError):
@@ -64,7 +67,6 @@ class Scores:
 
     def subset(self, keep: np.ndarray) -> Scores:
         """The same scores restricted to the rows where ``keep`` is true (metrics recomputed)."""
-        from covid_models.metrics import classification_metrics
 
         keep = np.asarray(keep, dtype=bool)
         probs, labels = self.probabilities[keep], self.labels[keep]
@@ -90,8 +92,7 @@ def slot_complete(model_uri: str | None) -> bool:
     if not model_uri:
         return False
     try:
-        slot = open_store(model_uri)
-        return slot.exists(METRICS_FILE) and slot.exists(MODEL_FILE)
+        return StoredModel(model_uri).complete
     except (OSError, ValueError):
         return False
 
@@ -109,16 +110,9 @@ def score_model(
     The slot's ``metrics.json`` says at which size and with how many channels the model was
     trained; the images go through the same tf.data pipeline as in training.
     """
-    from covid_data.dataset import default_cache_dir
-    from covid_models.data import image_dataset, load_split_data
-    from covid_models.metrics import classification_metrics
-    from covid_models.train import load_trained_model
-
-    slot = open_store(model_uri)
+    model = StoredModel(model_uri)
     try:
-        cfg = read_slot_metrics(model_uri)["config"]
-        size, channels = int(cfg["input_size"]), int(cfg["channels"])
-        model = load_trained_model(slot.uri_for(MODEL_FILE))
+        model.input_size, model.channels, model.keras()  # noqa: B018 (read now: a bad slot fails here)
     except Exception as e:  # a missing, truncated or foreign file: the caller decides what that means
         raise ScoringError(f"cannot load the model stored at {model_uri}: {type(e).__name__}: {e}") from e
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -128,9 +122,7 @@ def score_model(
         raise ScoringError(f"cannot read the split {split_uri}: {type(e).__name__}: {e}") from e
     if not data.size(split):
         raise ScoringError(f"the split {split_uri} has no {split!r} images")
-    frame = data.frames[split]
-    ds = image_dataset(data, split, size=size, channels=channels, batch_size=32, cache_dir=cache)
-    probs = np.asarray(model.predict(ds, verbose=0), dtype="float64")
+    probs, frame = model.predict_split(data, split, cache_dir=cache)
     labels = frame["y"].to_numpy(dtype="int32")
     return Scores(
         model_uri=model_uri,
@@ -146,7 +138,6 @@ def score_model(
 
 def split_sha256(split_uri: str, split: str = "train") -> set[str]:
     """The content hashes of one split's images (all of them: caps only ever train on fewer)."""
-    from covid_data.split import load_split
 
     table = load_split(split_uri)
     return set(table.loc[table["split"] == split, "sha256"].astype(str))

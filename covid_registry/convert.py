@@ -135,7 +135,7 @@ def converter_output(log_path: Path, what: str = "converter") -> Iterator[Path]:
     logging.getLogger(__name__ + ".converter").debug("%s output:\n%s", what, log_path.read_text(errors="replace"))
 
 
-def _log_beside(out: Path) -> Path:
+def log_beside(out: Path) -> Path:
     return out.with_name(out.name + ".log")
 
 
@@ -170,7 +170,7 @@ def convert_coreml(
         raise ValueError(f"unknown quantisation {quantize!r}; use None or 'int8'")
     size = int(keras_model.input_shape[1])
     channels = int(keras_model.input_shape[-1])
-    with converter_output(_log_beside(out), "Core ML converter"):
+    with converter_output(log_beside(out), "Core ML converter"):
         import coremltools as ct
 
         layout = ct.colorlayout.GRAYSCALE if channels == 1 else ct.colorlayout.RGB
@@ -277,7 +277,7 @@ def export_tflite(keras_model, out: Path) -> ExportRecord:
 
     inp = keras.Input(shape=tuple(keras_model.input_shape[1:]), batch_size=1, name="image")
     fixed = keras.Model(inp, keras_model(inp), name=keras_model.name)
-    with converter_output(_log_beside(out), "TFLite converter"):
+    with converter_output(log_beside(out), "TFLite converter"):
         converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
         flatbuffer = converter.convert()
     out.write_bytes(flatbuffer)

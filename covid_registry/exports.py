@@ -18,6 +18,9 @@ from typing import Any
 import numpy as np
 
 from covid_data.store import Unit, open_store
+from covid_eval.calibration import calibrated_model
+from covid_models.data import image_dataset, load_split_data
+from covid_models.stored import StoredModel
 from covid_registry.convert import (
     COREML_MAX_PROB_DIFF,
     TFLITE_MAX_PROB_DIFF,
@@ -45,8 +48,6 @@ def wanted_variants(int8: bool) -> list[str]:
 
 
 def _test_images(split_uri: str, input_size: int, channels: int, n: int, max_per_class: int | None) -> np.ndarray:
-    from covid_models.data import image_dataset, load_split_data
-
     data = load_split_data(split_uri, max_per_class=max_per_class)
     split = "test" if data.size("test") else "val"
     ds = image_dataset(data, split, size=input_size, channels=channels, batch_size=n)
@@ -119,17 +120,12 @@ def ensure_exports(
     if not todo:
         log.info("exports %s of %s are already stored: not converted again", variants, model_uri)
         return {v: _with_uri(slots[v], r) for v, r in records.items()}
-    from covid_models.train import load_trained_model, model_slot
-
-    stored = model_slot(model_uri).record()
-    if stored is None:
+    stored = StoredModel(model_uri)
+    if not stored.unit.is_complete():
         raise FileNotFoundError(f"{model_uri} holds no complete model (no metrics.json): nothing to export")
-    cfg = stored["config"]
-    name = cfg["model"]
-    from covid_eval.calibration import calibrated_model
-
-    model = calibrated_model(load_trained_model(open_store(model_uri).uri_for("model.keras")), temperature)
-    images = _test_images(split_uri, cfg["input_size"], cfg["channels"], parity_images, max_per_class)
+    name = stored.name
+    model = calibrated_model(stored.keras(), temperature)
+    images = _test_images(split_uri, stored.input_size, stored.channels, parity_images, max_per_class)
     for v in todo:
         with tempfile.TemporaryDirectory(prefix=f"export-{v}-") as tmp:
             rec = _convert(v, model, name, Path(tmp), version=version, metrics=metrics, images=images)

@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from covid_app.bundle import AppBuildUnavailable, build_run_app
+from covid_data.store import open_store
 
 
 @task(name="app-bundle")
@@ -27,7 +28,7 @@ def build_app(
     if not exports:
         return {"status": "skipped", "reason": "no exported models to put in the app"}
     try:
-        rec, note = build_run_app(store, run_id, dataset=dataset, exports=exports, explain=explain)
+        rec, note = build_run_app(open_store(store), run_id, dataset=dataset, exports=exports, explain=explain)
     except AppBuildUnavailable as e:
         log.warning("%s", e)
         return {"status": "skipped", "reason": str(e)}

@@ -15,7 +15,7 @@ from prefect.artifacts import create_table_artifact
 from covid_eval.calibration import ensure_calibration
 from covid_eval.leaderboard import leaderboard, to_markdown
 from covid_models.presets import Preset, plan_models
-from covid_models.train import model_slot
+from covid_models.stored import model_slot
 from covid_registry.exports import ensure_exports, wanted_variants
 from covid_registry.model_card import describe_weights
 from tasks.logs import task_logger

@@ -78,7 +78,7 @@ def test_real_model_validation_ece_does_not_get_worse_and_is_stored_once(trained
 
 def test_exports_carry_the_temperature(trained, tmp_path):
     from covid_models.data import image_dataset, load_split_data
-    from covid_models.train import load_trained_model
+    from covid_models.stored import load_trained_model
     from covid_registry.exports import ensure_exports
 
     model_uri, split = trained

@@ -53,7 +53,7 @@ def test_ensemble_is_the_mean_of_calibrated_members_and_a_stored_slot(members, s
     from covid_models.data import image_dataset, load_split_data
     from covid_models.ensemble import build_and_evaluate, describe_members, ensemble_slot_uri
     from covid_models.metrics import classification_metrics
-    from covid_models.train import load_trained_model, model_slot
+    from covid_models.stored import load_trained_model, model_slot
     from covid_registry.convert import export_tflite, tflite_parity
     from covid_registry.model_card import describe_weights, model_card
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from covid_models.metrics import classification_metrics, expected_calibration_error, wilson_interval
-from covid_models.train import TrainConfig, load_trained_model, train_model
+from covid_models.stored import load_trained_model
+from covid_models.train import TrainConfig, train_model
 from tests.conftest import MOBILENET_WEIGHTS, REPO
 
 
