@@ -46,6 +46,7 @@ MARKER = "split.json"
 # X-ray (re-encodings, crops) number a handful; on the shared sample at 4 bits the largest
 # group has 3 images.
 MIN_GROUP_BOUND = 20
+_SPLIT_URI = re.compile(r"(.+)/datasets/([^/]+)/splits/([^/]+)/split\.parquet")
 _SPLIT_JSON = re.compile(r"datasets/[^/]+/splits/[^/]+/split\.json")
 
 
@@ -127,6 +128,34 @@ class SplitRef:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "uri": self.uri}
+
+    @classmethod
+    def from_uri(cls, uri: str) -> SplitRef:
+        """The split that ``<store>/datasets/<version>/splits/<hash>/split.parquet`` names; its counts
+        and lineage from ``split.json`` where that marker is there (zeros where it is not)."""
+        m = _SPLIT_URI.fullmatch(str(uri).rstrip("/"))
+        if m is None:
+            raise ValueError(f"{uri!r} is not a split URI (<store>/datasets/<version>/splits/<hash>/split.parquet)")
+        root, version, split_hash = m.groups()
+        store = open_store(root)
+        key = f"datasets/{version}/splits/{split_hash}/{MARKER}"
+        info = json.loads(store.read_text(key)) if store.exists(key) else {}
+        names = {f.name for f in fields(cls)} - {"store", "version", "split_hash"}
+        base = {"counts": {}, "duplicate_groups": 0, "excluded": 0}
+        kept = {k: v for k, v in info.items() if k in names}
+        return cls(store=store.uri, version=version, split_hash=split_hash, **{**base, **kept})
+
+    @property
+    def dataset_uri(self) -> str:
+        return open_store(self.store).uri_for(f"datasets/{self.version}")
+
+    def dataset_store(self) -> Store:
+        """The dataset version's folder as a store (its images, masks and ``manifest.parquet``)."""
+        return open_store(self.dataset_uri)
+
+    def cache_key(self, max_per_class: int | None = None) -> str:
+        """The split hash, with the cap where the rows are capped: what local caches are keyed on."""
+        return self.split_hash + (f"-cap{max_per_class}" if max_per_class else "")
 
 
 # -- near-duplicate grouping -------------------------------------------------------------------

@@ -25,8 +25,7 @@ import pandas as pd
 
 from covid_data.dataset import default_cache_dir
 from covid_data.labels import CLASSES
-from covid_data.split import load_split
-from covid_data.store import open_store, split_object_uri
+from covid_data.split import SplitRef, load_split
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +63,8 @@ def load_split_data(split_uri: str, cache_dir: Path | None = None, max_per_class
             .head(max_per_class)
             .sort_values("path", kind="stable")
         )
-    split_store, _ = split_object_uri(split_uri)  # .../datasets/<v>/splits/<hash>/split.parquet
-    split_hash = split_store.uri.rstrip("/").rsplit("/", 1)[-1] + (f"-cap{max_per_class}" if max_per_class else "")
-    dataset_uri = split_store.uri.rsplit("/splits/", 1)[0]
-    version = dataset_uri.rstrip("/").rsplit("/", 1)[-1]
-    dataset = open_store(dataset_uri)
+    ref = SplitRef.from_uri(split_uri)
+    split_hash, version, dataset = ref.cache_key(max_per_class), ref.version, ref.dataset_store()
     root = dataset.local_path("")
     if root is None:
         root = (Path(cache_dir) if cache_dir else default_cache_dir()) / "images" / version
