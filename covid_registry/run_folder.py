@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from covid_data.store import Store, Unit, open_store
+from covid_eval.gallery import card_lines, contact_sheet, small_png
+from covid_eval.gradcam import shortcut_meaning
 from covid_registry.model_card import describe_weights, model_card
 
 MARKER = "run.json"
@@ -52,8 +54,6 @@ def write_run_folder(
     ``explain`` (records of ``tasks.explain.explain_models``) adds a "Where the model looks"
     section (the Grad-CAM shortcut score and what it means) to each top model's card.
     """
-    from covid_eval.gradcam import card_lines
-
     explained = {x["model"]: x for x in explain or [] if x.get("model")}
     import pandas as pd
 
@@ -150,16 +150,12 @@ class _Embedder:
         return f"![{alt}](data:image/png;base64,{data})"
 
     def picture(self, alt: str, rel: str, max_px: int) -> str | None:
-        from covid_eval.gradcam import small_png
-
         raw = self.read(rel)
         return self.markdown(alt, small_png(raw, max_px) if raw else None, rel)
 
 
 def _gallery_grid(exp: dict[str, Any], emb: _Embedder) -> str | None:
     """One picture: a row per true class, right predictions then wrong ones."""
-    from covid_eval.gradcam import contact_sheet
-
     model = exp["model"]
     folder = f"gradcam/{model}"
     recs = exp.get("gallery") or [{"file": Path(p).name} for p in exp.get("images", [])]
@@ -183,8 +179,6 @@ def _gallery_grid(exp: dict[str, Any], emb: _Embedder) -> str | None:
 
 
 def _explain_lines(exp: dict[str, Any] | None, emb: _Embedder) -> list[str]:
-    from covid_eval.gradcam import shortcut_meaning
-
     if not exp:
         return []
     lines = ["", f"### Where {exp['model']} looks (Grad-CAM)", ""]

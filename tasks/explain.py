@@ -1,6 +1,6 @@
 """Task that explains the top models: Grad-CAM galleries and shortcut scores into the run folder.
 
-A thin wrapper over covid_eval.gradcam. Its PNGs go to ``runs/<run id>/gradcam/<model>/`` (with
+A thin wrapper over covid_eval.gallery. Its PNGs go to ``runs/<run id>/gradcam/<model>/`` (with
 ``gradcam.json``, the full record); the run folder is completed later by ``run.json``, so writing
 before it is fine, and a rerun of an incomplete run replaces them.
 """
@@ -13,7 +13,8 @@ from typing import Any
 
 from prefect import task
 
-from covid_eval.gradcam import BORDER, explain_model, write_index
+from covid_eval.gallery import explain_model, write_index
+from covid_eval.gradcam import BORDER
 from covid_registry.run_folder import run_unit
 from tasks.logs import task_logger
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from covid_eval.gallery import card_lines
 from covid_eval.gradcam import (
     border_mask,
-    card_lines,
     gradcam,
     gradcam_with_probs,
     shortcut_baseline,
@@ -166,7 +166,7 @@ def test_gallery_is_fixed_and_the_report_shows_it_inline(small_split, tmp_path):
     from PIL import Image
 
     from covid_data.store import open_store
-    from covid_eval.gradcam import gallery
+    from covid_eval.gallery import gallery
     from covid_registry.run_folder import report_markdown, with_card_section
     from tasks.explain import explain_models
 
@@ -247,7 +247,7 @@ def test_shortcut_score_uses_the_lung_masks_where_the_source_has_them(tmp_path):
     from covid_data.dataset import fetch_dataset, load_manifest
     from covid_data.split import SplitConfig, write_split
     from covid_data.store import open_store
-    from covid_eval.gradcam import _load_masks
+    from covid_eval.gallery import load_masks
     from tasks.explain import explain_models
     from tests.conftest import make_kaggle_folder
 
@@ -262,7 +262,7 @@ def test_shortcut_score_uses_the_lung_masks_where_the_source_has_them(tmp_path):
     assert rec["method"] == "lung masks"
     # the synthetic masks cover two ellipses: the uniform-map baseline is the area outside them
     with Image.open(next((src / "COVID-19_Radiography_Dataset" / "COVID" / "masks").glob("*.png"))) as im:
-        lungs = _load_masks([im.filename], 32)
+        lungs = load_masks([im.filename], 32)
     assert rec["baseline"] == pytest.approx(float(np.mean(~lungs)), abs=5e-4)  # stored to 3 places
     assert 0.3 < rec["baseline"] < 0.8 and 0 <= rec["shortcut_score"] <= 1
     band = 1 - (26 / 32) ** 2
