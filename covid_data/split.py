@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from fractions import Fraction
@@ -33,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from covid_data.labels import CLASSES
+from covid_data.near_duplicates import near_pairs, phash_ints
 from covid_data.store import Store, UnitCompleteError, open_store
 
 log = logging.getLogger(__name__)
@@ -159,51 +159,6 @@ class SplitRef:
 
 
 # -- near-duplicate grouping -------------------------------------------------------------------
-def _hash_ints(phash: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """(64-bit hashes, mask of rows that have one)."""
-    has = phash.notna().to_numpy()
-    h = np.zeros(len(phash), dtype=np.uint64)
-    h[has] = np.array([int(x, 16) for x in phash[has]], dtype=np.uint64)
-    return h, has
-
-
-def _near_pairs(h: np.ndarray, max_distance: int, chunk: int = 512) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Index pairs of *distinct* hashes within ``max_distance`` bits, in bounded blocks.
-
-    Pigeonhole: split the 64 bits into d+1 bands; two hashes within d bits agree exactly on
-    at least one band. So only hashes sharing a band value are compared, found by sorting
-    each band: memory O(n), time O(n log n + candidate pairs) instead of O(n^2)."""
-    n = len(h)
-    bands = max_distance + 1
-    if bands > 16:  # bands under 4 bits bucket nothing: plain all-pairs, O(chunk * n) memory
-        for start in range(0, n, chunk):
-            block = h[start : start + chunk]
-            rows, cols = np.nonzero(np.bitwise_count(block[:, None] ^ h[None, start:]) <= max_distance)
-            keep = cols > rows
-            yield rows[keep] + start, cols[keep] + start
-        return
-    shift = 0
-    for b in range(bands):
-        width = 64 // bands + (1 if b < 64 % bands else 0)
-        key = (h >> np.uint64(shift)) & np.uint64((1 << width) - 1)
-        shift += width
-        order = np.argsort(key, kind="stable")
-        sk = key[order]
-        # Compare each sorted position with the one t places on, while both share the band:
-        # the candidate set only shrinks as t grows, so the total work is the number of pairs.
-        idx = np.arange(n - 1)
-        t = 1
-        while idx.size:
-            idx = idx[idx + t < n]
-            idx = idx[sk[idx] == sk[idx + t]]
-            if not idx.size:
-                break
-            a, c = order[idx], order[idx + t]
-            close = np.bitwise_count(h[a] ^ h[c]) <= max_distance
-            yield a[close], c[close]
-            t += 1
-
-
 def _components(n: int, edges_a: list[np.ndarray], edges_b: list[np.ndarray]) -> np.ndarray:
     """Connected components; each row's label is the smallest row index of its component."""
     from scipy.sparse import coo_matrix
@@ -235,7 +190,7 @@ def _group(
         edges_a.append(with_hash)  # equal pHashes: distance 0
         edges_b.append(rep[inverse])
         pending = 0
-        for ua, ub in _near_pairs(uniq, max_distance, chunk):
+        for ua, ub in near_pairs(uniq, max_distance, chunk):
             edges_a.append(rep[ua])
             edges_b.append(rep[ub])
             pending += len(ua)
@@ -266,7 +221,7 @@ def duplicate_groups(
     codes, _ = pd.factorize(pd.Series(sha256).reset_index(drop=True))
     first_sha = np.where(codes >= 0, pd.Series(rows).groupby(codes).transform("min").to_numpy(), rows)
     if max_distance > 0:
-        h, has = _hash_ints(pd.Series(phash).reset_index(drop=True))
+        h, has = phash_ints(pd.Series(phash).reset_index(drop=True))
     else:
         h, has = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=bool)
     groups = _group(rows, first_sha, h, has, max_distance, chunk)

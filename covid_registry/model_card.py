@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from covid_models.builders import is_transfer
-from covid_models.ensemble import describe_members, is_ensemble
+from covid_models.describe import describe_weights
+from covid_models.ensemble import is_ensemble
 from covid_models.metrics import wilson_interval
 from covid_registry.convert import DISCLAIMER
 
@@ -21,30 +21,6 @@ DATA_LIMITS = [
     "near-duplicate images (by content hash and perceptual hash), which catches copies, not repeat studies.",
     "Grayscale frontal views only; lateral views and other findings are out of scope.",
 ]
-
-
-def describe_weights(model: str, config: dict[str, Any], weights: dict[str, Any] | None = None) -> str:
-    """Starting weights and what trained, in words (e.g. "ImageNet weights (sha256 1a2b...), backbone frozen")."""
-    if is_ensemble(model):
-        return describe_members(config)
-    if not is_transfer(model):
-        return "trained from scratch (all layers)"
-    w = weights or {"kind": "imagenet" if config.get("weights") == "imagenet" else config.get("weights")}
-    if w.get("kind") == "imagenet":
-        start = "ImageNet weights" + (
-            f" (sha256 {w['sha256'][:12]})" if w.get("sha256") not in (None, "download") else ""
-        )
-    elif w.get("kind") == "scratch" or config.get("weights") == "scratch":
-        return "trained from scratch: random initialisation, every layer trained"
-    elif w.get("kind") in ("none", None) or config.get("weights") == "none":
-        start = "random initialisation"
-    else:
-        start = f"weights from `{w.get('file')}`" + (f" (sha256 {w['sha256'][:12]})" if w.get("sha256") else "")
-    ft = int(config.get("fine_tune_layers") or 0) if config.get("fine_tune_epochs") else 0
-    trained = (
-        "backbone frozen, head trained" if ft == 0 else f"head trained, then the top {ft} backbone layers fine-tuned"
-    )
-    return f"{start}; {trained}"
 
 
 def model_card(

@@ -16,6 +16,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from covid_data.store import read_object
 from covid_eval import external as ee
+from covid_eval.duplicates import DUPLICATE_COLUMNS
+from covid_registry import references
 from tasks.credentials import DEFAULT_SECRET_BLOCK, prefect_secret_credentials
 
 ARTIFACT_KEY = "external-evaluation"
@@ -28,7 +30,7 @@ def _model(model: dict[str, Any]) -> ee.ModelRef:
 @task(name="resolve-model")
 def resolve_model(reference: str, store: str) -> dict[str, Any]:
     """``champion``, ``<run id>/<model>`` or a model slot URI -> the complete slot it names."""
-    model = ee.resolve_model(reference, store)
+    model = references.resolve_model(reference, store)
     get_run_logger().info("evaluating %s (%s): %s", model.model, reference, model.uri)
     return model.to_dict()
 
@@ -123,7 +125,7 @@ def write_evaluation(
         _model(model),
         dataset,
         validation,
-        pd.DataFrame(duplicates, columns=ee.DUPLICATE_COLUMNS),
+        pd.DataFrame(duplicates, columns=DUPLICATE_COLUMNS),
         pd.DataFrame(scores["rows"], columns=["path", "label"]),
         np.asarray(scores["probabilities"], dtype="float64").reshape(-1, len(ee.CLASSES)),
         include_duplicates=include_duplicates,

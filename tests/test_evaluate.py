@@ -16,6 +16,8 @@ import pytest
 
 from covid_data.store import open_store
 from covid_eval import external as ee
+from covid_eval.external_metrics import HEADLINE
+from covid_registry.references import resolve_model
 from tests.conftest import CLASSES, REPO, SAMPLE_ROOT, make_kaggle_folder, sample_files
 
 # Flat layout, class folders named as other mirrors name them.
@@ -87,7 +89,7 @@ def _record(summary: dict) -> dict:
 
 def test_renamed_class_folders_are_scored_once_and_reused(trained, tmp_path):
     src = flat_set(tmp_path / "theirs", unseen_files(trained, 3, seed=1))
-    out = ee.evaluate_external("champion", str(src), trained["store"])
+    out = ee.evaluate_external(resolve_model("champion", trained["store"]), str(src), trained["store"])
     rec = _record(out)
 
     assert out["n"] == 12 and rec["counts"]["scored"] == 12 and rec["counts"]["images"] == 12
@@ -104,7 +106,7 @@ def test_renamed_class_folders_are_scored_once_and_reused(trained, tmp_path):
     assert 0 <= m["accuracy"] <= 1 and len(m["accuracy_ci95"]) == 2 and len(m["macro_f1_ci95"]) == 2
     assert m["accuracy_ci95"][0] <= m["accuracy"] <= m["accuracy_ci95"][1]
     assert sum(map(sum, m["confusion_matrix"])) == 12
-    for name in ee.HEADLINE:
+    for name in HEADLINE:
         c = rec["comparison"][name]
         assert c["test"] is not None and c["test_ci95"] and c["external_ci95"] and c["delta_ci95"], name
         assert c["delta"] == pytest.approx(c["external"] - c["test"])
@@ -118,7 +120,9 @@ def test_renamed_class_folders_are_scored_once_and_reused(trained, tmp_path):
     assert "# External evaluation of custom_cnn" in unit.read_text("report.md")
 
     stamps = {p: p.stat().st_mtime_ns for p in Path(out["uri"]).iterdir()}
-    again = ee.evaluate_external("run-1/custom_cnn", str(src), trained["store"])  # the same slot, named by run
+    again = ee.evaluate_external(
+        resolve_model("run-1/custom_cnn", trained["store"]), str(src), trained["store"]
+    )  # the same slot, named by run
     assert again == out
     assert {p: p.stat().st_mtime_ns for p in Path(out["uri"]).iterdir()} == stamps
 
@@ -131,7 +135,7 @@ def test_a_missing_class_is_reported_and_the_rest_scored(trained, tmp_path):
     (src / "Tuberculosis").mkdir()
     shutil.copyfile(extra[0], src / "Tuberculosis" / "tb-1.png")
     # An interrupted earlier attempt at the same evaluation: replaced, not trusted.
-    model = ee.resolve_model(trained["slot"], trained["store"])
+    model = resolve_model(trained["slot"], trained["store"])
     version = ee.ingest(str(src), trained["store"])["version"]
     stale = open_store(trained["store"]).unit(ee.evaluation_prefix(model.key, version), marker=ee.MARKER)
     stale.put_text("report.md", "half a report")
@@ -187,7 +191,7 @@ def test_copies_of_training_images_are_reported_and_left_out(trained, tmp_path):
         px.putpixel(xy, min(255, px.getpixel(xy) + 1))
     px.save(near)
 
-    out = ee.evaluate_external("champion", str(src), trained["store"])
+    out = ee.evaluate_external(resolve_model("champion", trained["store"]), str(src), trained["store"])
     rec = _record(out)
     dups = pd.read_csv(Path(out["uri"]) / "duplicates.csv").set_index("path")
     names = {Path(p).name: r for p, r in dups.iterrows()}
@@ -205,7 +209,9 @@ def test_copies_of_training_images_are_reported_and_left_out(trained, tmp_path):
     scored = set(pd.read_csv(Path(out["uri"]) / "predictions.csv")["path"].map(lambda p: Path(p).name))
     assert not scored & {"copy-of-train.png", "copy-of-val.png", "near-train.png"}
 
-    both = ee.evaluate_external("champion", str(src), trained["store"], include_duplicates=True)
+    both = ee.evaluate_external(
+        resolve_model("champion", trained["store"]), str(src), trained["store"], include_duplicates=True
+    )
     assert both["n"] == 12 and both["duplicates_excluded"] == 0 and both["seen_in_training"] == 3
     assert both["uri"] == out["uri"] + "-with-duplicates"
     assert _record(both)["duplicates"]["included"] is True
@@ -215,20 +221,22 @@ def test_bad_input_fails_with_a_clear_message(trained, tmp_path):
     (tmp_path / "holiday-photos" / "beach").mkdir(parents=True)
     (tmp_path / "holiday-photos" / "beach" / "x.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="no class folders found under .*holiday-photos"):
-        ee.evaluate_external("champion", str(tmp_path / "holiday-photos"), trained["store"])
+        ee.evaluate_external(
+            resolve_model("champion", trained["store"]), str(tmp_path / "holiday-photos"), trained["store"]
+        )
 
     unknown = "unknown model reference .no-run/custom_cnn.*no runs/no-run/run.json"
     with pytest.raises(ee.EvaluationError, match=unknown):
-        ee.resolve_model("no-run/custom_cnn", trained["store"])
+        resolve_model("no-run/custom_cnn", trained["store"])
     with pytest.raises(ee.EvaluationError, match="run run-1 .* has no model 'vgg16'; its models: \\['custom_cnn'\\]"):
-        ee.resolve_model("run-1/vgg16", trained["store"])
+        resolve_model("run-1/vgg16", trained["store"])
     with pytest.raises(ee.EvaluationError, match="has no champion \\(no champion.json\\)"):
-        ee.resolve_model("champion", str(tmp_path / "empty-store"))
+        resolve_model("champion", str(tmp_path / "empty-store"))
     half = tmp_path / "half-slot"
     half.mkdir()
     (half / "model.keras").write_bytes(b"interrupted")
     with pytest.raises(ee.EvaluationError, match="half-slot is not a complete model slot: no metrics.json"):
-        ee.resolve_model(str(half), trained["store"])
+        resolve_model(str(half), trained["store"])
 
 
 def test_every_flow_parameter_is_a_cli_option():

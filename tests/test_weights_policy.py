@@ -9,10 +9,10 @@ import shutil
 import pytest
 
 from covid_eval.leaderboard import leaderboard
+from covid_models.describe import describe_weights
 from covid_models.presets import get_preset, plan_models
 from covid_models.stored import load_trained_model
 from covid_models.train import TrainConfig, train_model
-from covid_registry.model_card import describe_weights
 from tests.conftest import MOBILENET_WEIGHTS
 
 
