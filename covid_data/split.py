@@ -32,8 +32,9 @@ import numpy as np
 import pandas as pd
 
 from covid_data.labels import CLASSES
+from covid_data.manifest import read_parquet_bytes, to_parquet_bytes
 from covid_data.near_duplicates import near_pairs, phash_ints
-from covid_data.store import Store, UnitCompleteError, open_store
+from covid_data.store import Store, UnitCompleteError, open_store, read_object
 
 log = logging.getLogger(__name__)
 
@@ -414,7 +415,6 @@ def find_parent(store: Store, cfg: SplitConfig) -> dict | None:
 
 def load_assignments(store: Store, info: dict) -> pd.Series:
     """sha256 -> split: every image the lineage of this split has assigned."""
-    from covid_data.manifest import read_parquet_bytes
 
     prefix = info["_key"].rsplit("/", 1)[0]
     key = f"{prefix}/assignments.parquet"
@@ -431,7 +431,6 @@ def _ledger(table: pd.DataFrame) -> pd.Series:
 
 def write_split(store: Store, version: str, manifest: pd.DataFrame, cfg: SplitConfig) -> SplitRef:
     """Compute and store the split of ``version``, or return the complete one already there."""
-    from covid_data.manifest import to_parquet_bytes
 
     existing = find_split(store, version, cfg)
     if existing is not None:
@@ -490,7 +489,5 @@ def write_split(store: Store, version: str, manifest: pd.DataFrame, cfg: SplitCo
 
 
 def load_split(uri: str) -> pd.DataFrame:
-    from covid_data.manifest import read_parquet_bytes
-    from covid_data.store import read_object
 
     return read_parquet_bytes(read_object(uri))

@@ -98,11 +98,13 @@ def external_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     return m
 
 
-def _newcombe(p1: float, ci1: list[float], p2: float, ci2: list[float]) -> list[float]:
-    """Newcombe's hybrid score interval for the difference of two independent proportions."""
-    (l1, u1), (l2, u2) = ci1, ci2
-    d = p1 - p2
-    return [max(-1.0, d - math.hypot(p1 - l1, u2 - p2)), min(1.0, d + math.hypot(u1 - p1, p2 - l2))]
+def newcombe_interval(s1: int, n1: int, s2: int, n2: int, alpha: float = 0.05) -> list[float]:
+    """Newcombe's hybrid score interval (from the two Wilson intervals) for ``s1/n1 - s2/n2``,
+    two independent proportions."""
+    from statsmodels.stats.proportion import confint_proportions_2indep  # heavy: imported where used
+
+    lo, hi = confint_proportions_2indep(s1, n1, s2, n2, method="newcomb", compare="diff", alpha=alpha)
+    return [max(-1.0, float(lo)), min(1.0, float(hi))]
 
 
 def compare_to_test(ext: dict[str, Any], test: dict[str, Any] | None) -> dict[str, Any]:
@@ -140,7 +142,7 @@ def compare_to_test(ext: dict[str, Any], test: dict[str, Any] | None) -> dict[st
             "test_ci95": tci,
             "test_n": tn,
             "delta": e - t if both else None,
-            "delta_ci95": _newcombe(e, eci, t, tci) if both else None,
+            "delta_ci95": newcombe_interval(es, en, ts, tn) if both else None,
         }
     idx = [CLASSES.index(c) for c in classes]
     e_f1, t_f1 = float(_f1_from_confusion(ecm, idx)), float(_f1_from_confusion(tcm, idx))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covid_models.weights import missing_weights, resolve_imagenet, weights_dir
+from covid_models.weights import keras_file_names, missing_weights, resolve_imagenet, weights_dir
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,6 @@ def _backbone(arch: Architecture, input_size: int, weights: str | Path | None):
 
 
 def _expected_name(name: str, input_size: int) -> str:
-    from covid_models.weights import keras_file_names
 
     return keras_file_names(name, input_size)[0]
 

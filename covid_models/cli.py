@@ -1,4 +1,4 @@
-"""``python -m covid_models.train``: train and evaluate one model, without Prefect.
+"""The command line of ``python -m covid_models.train`` (its flags; ``train.main`` runs it), without Prefect.
 
     python -m covid_models.train --model mobilenet_v2 --split <split.parquet URI> --out <store URI> \\
         [--input-size 224] [--epochs 30] [--weights imagenet|scratch|PATH] ...
@@ -7,11 +7,8 @@
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import typing
 from dataclasses import fields
-from pathlib import Path
 
 from covid_models.builders import MODEL_NAMES
 from covid_models.train_config import HELP, TrainConfig
@@ -41,21 +38,3 @@ def parser() -> argparse.ArgumentParser:
         base = [t for t in typing.get_args(hints[f.name]) if t is not type(None)] or [hints[f.name]]
         p.add_argument(flag, type=base[0], default=default, help=text)
     return p
-
-
-def main(argv: list[str] | None = None) -> None:
-    from covid_models.train import train_model
-
-    p = parser()
-    args = vars(p.parse_args(argv))
-    config, result_file = args.pop("config"), args.pop("result_file")
-    if config:
-        args = json.loads(Path(config).read_text())
-    elif not (args["model"] and args["split"] and args["out"]):
-        p.error("--model, --split and --out are required (or --config)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = train_model(TrainConfig.from_dict(args))
-    text = json.dumps(result.to_dict(), indent=2)
-    if result_file:
-        Path(result_file).write_text(text)
-    print(text)

@@ -19,7 +19,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from covid_data.store import open_store
 from covid_models.builders import MODEL_NAMES, is_transfer
+from covid_models.train_config import TrainConfig, slot_key
+from covid_models.weights import MissingWeightsError, local_imagenet
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,6 @@ MISSING_WEIGHTS = ("skip", "scratch", "fail")
 
 def _starting_weights(preset: Preset, name: str, size: int, chosen: str | None) -> tuple[str | None, str | None]:
     """(weights, skip reason) of one model under the preset's weights policy."""
-    from covid_models.weights import MissingWeightsError, local_imagenet
 
     weights = chosen or preset.weights
     if not is_transfer(name):
@@ -143,8 +145,6 @@ def plan_models(
     the model's slot in ``store`` (``models/<split hash>/<model>-<key>``, the key hashing everything
     that decides the result); and a ``{"model", "status": "skipped", "error"}`` record per transfer
     model whose ImageNet weights are missing under ``missing_weights="skip"``."""
-    from covid_data.store import open_store
-    from covid_models.train_config import TrainConfig, slot_key
 
     if preset.missing_weights not in MISSING_WEIGHTS:
         raise ValueError(f"missing_weights must be one of {MISSING_WEIGHTS}, not {preset.missing_weights!r}")

@@ -30,12 +30,15 @@ import numpy as np
 from covid_data.dataset import default_cache_dir
 from covid_data.labels import CLASSES
 from covid_data.store import Unit, open_store
+from covid_models.augment import build_augmenter
 from covid_models.builders import build_model, is_transfer, set_trainable
 from covid_models.checkpoints import HISTORY_KEYS, Checkpoints
+from covid_models.cli import parser
 from covid_models.data import global_batch_size, image_dataset, load_split_data
 from covid_models.feature_cache import compute_features
 from covid_models.metrics import classification_metrics, plot_confusion, plot_history
 from covid_models.stored import MARKER, model_slot
+from covid_models.strategy import select_strategy
 from covid_models.train_config import TrainConfig, resolve_weights, training_identity
 
 __all__ = ["MARKER", "TrainConfig", "TrainResult", "cached_result", "model_slot", "train_model"]
@@ -178,7 +181,6 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         return cached
     if slot.store.list():
         log.info("%s: the slot %s holds an interrupted attempt; resuming and replacing it", cfg.model, slot.uri)
-    from covid_models.strategy import select_strategy
 
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     keras.utils.set_random_seed(cfg.seed)
@@ -210,8 +212,6 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     )
     augment = None
     if cfg.augment or cfg.fine_tune_augment:
-        from covid_models.augment import build_augmenter
-
         augment = build_augmenter(cfg.seed, cfg.augment_recipe)
 
     t0 = time.perf_counter()
@@ -331,7 +331,21 @@ def _inference_copy(model, cfg: TrainConfig):
     return fresh
 
 
-if __name__ == "__main__":
-    from covid_models.cli import main
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    args = vars(p.parse_args(argv))
+    config, result_file = args.pop("config"), args.pop("result_file")
+    if config:
+        args = json.loads(Path(config).read_text())
+    elif not (args["model"] and args["split"] and args["out"]):
+        p.error("--model, --split and --out are required (or --config)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = train_model(TrainConfig.from_dict(args))
+    text = json.dumps(result.to_dict(), indent=2)
+    if result_file:
+        Path(result_file).write_text(text)
+    print(text)
 
+
+if __name__ == "__main__":
     main()

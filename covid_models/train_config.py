@@ -16,7 +16,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from covid_models.augment import RECIPES
 from covid_models.builders import MODEL_NAMES, is_transfer
+from covid_models.weights import keras_file_names, resolve_imagenet
 
 # Settings that say where things are, not what is trained.
 _NOT_TRAINING = ("model", "split", "out", "cache_dir", "verbose")
@@ -88,7 +90,6 @@ class TrainConfig:
     verbose: int = 2  # Keras progress: 2 = one line per epoch (readable in Prefect logs)
 
     def __post_init__(self):
-        from covid_models.augment import RECIPES
 
         if self.augment_recipe not in RECIPES:
             raise ValueError(f"unknown augment_recipe {self.augment_recipe!r}; choose from {RECIPES}")
@@ -125,7 +126,6 @@ def resolve_weights(cfg: TrainConfig) -> dict[str, Any]:
     For ``imagenet`` this is the local file Keras would load (see covid_models.weights); where
     none exists and downloads are allowed, the Keras file name stands in for the checksum.
     """
-    from covid_models.weights import resolve_imagenet
 
     if not is_transfer(cfg.model) or cfg.weights == "none":
         return {"kind": "none", "file": None, "sha256": None}
@@ -134,8 +134,6 @@ def resolve_weights(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.weights == "imagenet":
         resolved = resolve_imagenet(cfg.model, cfg.input_size)
         if resolved == "imagenet":
-            from covid_models.weights import keras_file_names
-
             return {"kind": "imagenet", "file": keras_file_names(cfg.model, cfg.input_size)[0], "sha256": "download"}
         return {"kind": "imagenet", "file": str(resolved), "sha256": _cached_sha256(str(resolved))}
     path = Path(cfg.weights).expanduser()

@@ -177,11 +177,11 @@ def candidate_record(
 def mcnemar_exact(only_a: int, only_b: int) -> float:
     """Two-sided exact McNemar p-value from the discordant pairs: images only model A got right and
     images only model B got right (a binomial test of ``only_a`` in ``only_a + only_b`` at 1/2)."""
-    n = only_a + only_b
-    if n == 0:
+    if only_a + only_b == 0:
         return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
-    return min(1.0, 2 * tail / 2**n)
+    from statsmodels.stats.contingency_tables import mcnemar  # heavy: imported where used
+
+    return float(min(1.0, mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue))
 
 
 @dataclass
