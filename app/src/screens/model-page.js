@@ -1,6 +1,6 @@
 // The model page (#/model/<name>): metrics, model card, figures, limits.
-import { el, pct, ci, num, mb, str, isNum, label } from "./format.js";
-import { renderMarkdown, renderInline } from "./markdown.js";
+import { el, pct, ci, num, mb, str, isNum, label } from "../ui/format.js";
+import { renderMarkdown, renderInline } from "../ui/markdown.js";
 
 function metricRows(m, top, split) {
   if (!m) return [];

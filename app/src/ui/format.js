@@ -60,3 +60,11 @@ export function label(name) {
   });
   return frag;
 }
+
+export const $ = (id) => document.getElementById(id);
+
+/** A guard score or threshold: a few significant digits whatever its scale. */
+export function fmtScore(x) {
+  if (!isNum(x)) return "n/a";
+  return Math.abs(x) >= 100 ? x.toFixed(1) : Math.abs(x) >= 1 ? x.toFixed(2) : x.toPrecision(3);
+}

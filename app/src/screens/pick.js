@@ -1,0 +1,165 @@
+// The pick card: reading a chosen or photographed image, the out-of-distribution
+// guard and its warning, then handing over to the prediction.
+import { checkGuard } from "../guard.js";
+import { AppError, inspectBytes, decodeToRgba } from "../image.js";
+import { runModel } from "../runtime.js";
+import { $, fmtScore } from "../ui/format.js";
+import { safe, clearError, setStatus } from "../ui/status.js";
+import { state } from "../state.js";
+import { clearResults, clearCompare, predict } from "./results.js";
+
+// ---------------------------------------------------------------- clearing
+
+function clearOod() {
+  const w = $("ood-warning");
+  w.hidden = true;
+  delete w.dataset.score;
+  delete w.dataset.reason;
+  $("ood-text").textContent = "";
+}
+
+function clearPreview() {
+  const img = $("preview");
+  if (img.src && img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.removeAttribute("src");
+  $("preview-wrap").hidden = true;
+}
+
+function clearAll() {
+  clearError();
+  clearResults();
+  clearCompare();
+  clearOod();
+  clearPreview();
+  $("compare-all").disabled = true;
+  $("guard-notice").hidden = true;
+  state.pick = null;
+}
+
+// ----------------------------------------------------------------- picking
+
+function previewCanvas(rgba, width, height) {
+  const c = document.createElement("canvas");
+  c.width = width;
+  c.height = height;
+  c.getContext("2d").putImageData(new ImageData(new Uint8ClampedArray(rgba), width, height), 0, 0);
+  return c;
+}
+
+async function handleFile(file) {
+  const seq = ++state.pickSeq;
+  clearAll();
+  if (!file) {
+    setStatus("Pick an image to see what each model says.");
+    return;
+  }
+  setStatus("Reading the image…");
+  let bytes;
+  try {
+    bytes = new Uint8Array(await file.arrayBuffer());
+  } catch {
+    throw new AppError("decode", "The file could not be read.");
+  }
+  if (seq !== state.pickSeq) return;
+  try {
+    inspectBytes(bytes); // throws empty / not-image / too-large before any decoding
+  } catch (e) {
+    setStatus("Pick another image.");
+    throw e;
+  }
+  const type = bytes[0] === 0x89 ? "image/png" : "image/jpeg";
+  const blob = new Blob([bytes], { type });
+  let decoded;
+  try {
+    decoded = await decodeToRgba(blob);
+  } catch (e) {
+    setStatus("Pick another image.");
+    throw e;
+  }
+  if (seq !== state.pickSeq) return;
+  const { rgba, width, height } = decoded;
+  const img = $("preview");
+  img.src = URL.createObjectURL(blob);
+  $("preview-wrap").hidden = false;
+  state.pick = { seq, rgba, width, height, canvas: previewCanvas(rgba, width, height), guard: null, allowed: false, inputs: new Map() };
+
+  // Out-of-distribution guard
+  const guardCfg = state.app && state.app.guard && typeof state.app.guard === "object" ? state.app.guard : null;
+  const notice = $("guard-notice");
+  if (!guardCfg) {
+    notice.textContent = "No out-of-distribution guard is available for this run: the models will classify any picture, even one that is not a chest X-ray.";
+    notice.hidden = false;
+    state.pick.allowed = true;
+  } else {
+    setStatus("Checking that this looks like a chest X-ray…");
+    let g = null;
+    try {
+      g = await checkGuard({ rgba, width, height }, guardCfg, async (input, shape) => {
+        const r = await runModel(guardCfg.file, "wasm", input, shape);
+        return r.output;
+      });
+    } catch (e) {
+      console.error("guard failed", e);
+      g = null;
+    }
+    if (seq !== state.pickSeq) return;
+    state.pick.guard = g;
+    if (!g) {
+      notice.textContent = "The X-ray guard could not run on this device, so this picture was not checked: make sure it is a frontal chest X-ray.";
+      notice.hidden = false;
+      state.pick.allowed = true;
+    } else if (g.ood) {
+      showOod(g);
+      setStatus("Not classified: see the warning below.");
+      $("compare-all").disabled = true;
+      return;
+    } else {
+      notice.textContent = `X-ray guard: score ${fmtScore(g.score)} (threshold ${fmtScore(g.threshold)}), colour ${g.colour.toFixed(3)} (threshold ${fmtScore(g.colourThreshold)}): looks like a chest X-ray.`;
+      notice.hidden = false;
+      state.pick.allowed = true;
+    }
+  }
+  $("compare-all").disabled = false;
+  await predict({ scroll: true });
+}
+
+function showOod(g) {
+  const w = $("ood-warning");
+  w.dataset.score = String(g.score);
+  w.dataset.reason = g.reason;
+  const why =
+    g.reason === "colour"
+      ? `It is in colour (colourfulness ${g.colour.toFixed(3)}, limit ${fmtScore(g.colourThreshold)}), and X-rays are grayscale.`
+      : `Its guard score is ${fmtScore(g.score)}, above the threshold of ${fmtScore(g.threshold)} (higher means less like the training X-rays).`;
+  $("ood-text").textContent = `${why} Guard score ${fmtScore(g.score)}, threshold ${fmtScore(g.threshold)}.`;
+  w.hidden = false;
+}
+
+async function classifyAnyway() {
+  if (!state.pick) return;
+  state.pick.allowed = true;
+  clearOod();
+  $("compare-all").disabled = false;
+  const n = $("guard-notice");
+  n.textContent = "Classified although the guard flagged this picture: treat the output with extra caution.";
+  n.hidden = false;
+  await predict();
+}
+
+export function wirePick() {
+  for (const id of ["file-input", "camera-input"]) {
+    const input = $(id);
+    input.addEventListener(
+      "change",
+      safe(async () => {
+        const file = input.files && input.files[0];
+        try {
+          await handleFile(file);
+        } finally {
+          input.value = ""; // picking the same file again fires "change"
+        }
+      }),
+    );
+  }
+  $("classify-anyway").addEventListener("click", safe(classifyAnyway));
+}
