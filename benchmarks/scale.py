@@ -199,9 +199,10 @@ def prepare(source: Path, store_dir: Path, workers: int, profile: str) -> dict[s
     times["split"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
     # Grouping alone, without the assignment and store writes around it.
-    from covid_data.split import _usable, duplicate_groups
+    from covid_data.near_duplicates import duplicate_groups
+    from covid_data.split import usable_rows
 
-    usable = _usable(manifest)
+    usable = usable_rows(manifest)
     t = time.perf_counter()
     groups = duplicate_groups(usable["sha256"], usable["phash"], SplitConfig().near_dup_distance)
     times["grouping_unbounded"] = time.perf_counter() - t

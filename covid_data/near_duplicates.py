@@ -1,18 +1,22 @@
 """The one near-duplicate matcher: perceptual hashes (64-bit pHash) within a number of bits.
 
-``near_pairs`` finds every pair within ``max_distance`` bits inside one set of hashes (the split
-groups copies and near copies so that a group never spans two splits); ``nearest`` finds, for
-each hash of one set, its closest match in another (external evaluation leaves out images the
-model has seen). Both rest on the same banded search, so both find exactly the pairs that an
-all-pairs comparison would.
+``duplicate_groups`` groups copies and near copies (bounded, so that a pHash chain does not merge
+half a dataset) for the split, so that a group never spans two splits; ``near_pairs`` finds every
+pair within ``max_distance`` bits inside one set of hashes; ``nearest`` finds, for each hash of
+one set, its closest match in another (external evaluation leaves out images the model has
+seen). All rest on the same banded search, so they find exactly the pairs an all-pairs
+comparison would.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 
 def phash_ints(phash: pd.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -89,3 +93,107 @@ def nearest(
     best[top["qi"].to_numpy()] = top["ri"].to_numpy()
     dist[top["qi"].to_numpy()] = top["d"].to_numpy()
     return best, dist
+
+
+def _components(n: int, edges_a: list[np.ndarray], edges_b: list[np.ndarray]) -> np.ndarray:
+    """Connected components; each row's label is the smallest row index of its component."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    a = np.concatenate(edges_a) if edges_a else np.empty(0, dtype=np.int64)
+    b = np.concatenate(edges_b) if edges_b else np.empty(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(smallest, labels, np.arange(n))
+    return smallest[labels]
+
+
+def _group(
+    members: np.ndarray, first_sha: np.ndarray, h: np.ndarray, has: np.ndarray, max_distance: int, chunk: int
+) -> np.ndarray:
+    """Groups among ``members`` (ascending row indices, closed under equal sha256): for each, the
+    smallest row index of its group."""
+    n = len(members)
+    local = np.arange(n)
+    edges_a, edges_b = [local], [np.searchsorted(members, first_sha[members])]
+    if max_distance > 0 and n > 1:
+        mh, mhas = h[members], has[members]
+        with_hash = local[mhas]
+        uniq, inverse = np.unique(mh[mhas], return_inverse=True)
+        rep = np.full(len(uniq), n, dtype=np.int64)
+        np.minimum.at(rep, inverse, with_hash)
+        edges_a.append(with_hash)  # equal pHashes: distance 0
+        edges_b.append(rep[inverse])
+        pending = 0
+        for ua, ub in near_pairs(uniq, max_distance, chunk):
+            edges_a.append(rep[ua])
+            edges_b.append(rep[ub])
+            pending += len(ua)
+            if pending > 4_000_000:  # fold the pairs into components: memory stays O(n)
+                labels = _components(n, edges_a, edges_b)
+                edges_a, edges_b, pending = [local], [labels], 0
+    return members[_components(n, edges_a, edges_b)]
+
+
+def duplicate_groups(
+    sha256: pd.Series,
+    phash: pd.Series,
+    max_distance: int,
+    chunk: int = 512,
+    *,
+    max_group: int | None = None,
+) -> np.ndarray:
+    """Group id per row (the smallest row index of its group): rows with equal sha256 or
+    pHashes within ``max_distance`` bits share one.
+
+    pHash closeness chains transitively, so a group larger than ``max_group`` is regrouped
+    with the distance tightened one bit at a time until every part is within the bound; at 0
+    bits only exact copies (sha256) stay together, so a bound is always met short of that
+    many copies of one file. Each such group is named in a warning."""
+    n = len(sha256)
+    rows = np.arange(n)
+    # Exact copies: every row joins the first row with its sha256 (rows without one stand alone).
+    codes, _ = pd.factorize(pd.Series(sha256).reset_index(drop=True))
+    first_sha = np.where(codes >= 0, pd.Series(rows).groupby(codes).transform("min").to_numpy(), rows)
+    if max_distance > 0:
+        h, has = phash_ints(pd.Series(phash).reset_index(drop=True))
+    else:
+        h, has = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=bool)
+    groups = _group(rows, first_sha, h, has, max_distance, chunk)
+    sizes = np.bincount(groups, minlength=n)
+    largest = int(sizes.max()) if n else 0
+    if max_group is None or largest <= max_group:
+        log.info("largest duplicate group: %d images", largest)
+        return groups
+
+    def bounded(members: np.ndarray, distance: int) -> np.ndarray:
+        sub = _group(members, first_sha, h, has, distance, chunk)
+        ids, counts = np.unique(sub, return_counts=True)
+        for gid in ids[counts > max_group] if distance > 0 else ():
+            part = sub == gid
+            sub[part] = bounded(members[part], distance - 1)
+        return sub
+
+    for g in np.flatnonzero(sizes > max_group):
+        members = np.flatnonzero(groups == g)
+        parts = bounded(members, max_distance - 1)
+        groups[members] = parts
+        log.warning(
+            "a near-duplicate group of %d images (over the bound of %d) is a pHash chain, not copies of one "
+            "image: regrouped at tighter distances into %d groups of at most %d images",
+            len(members),
+            max_group,
+            len(np.unique(parts)),
+            int(np.unique(parts, return_counts=True)[1].max()),
+        )
+    log.info(
+        "largest duplicate group: %d images (%d before the bound of %d)",
+        int(np.bincount(groups, minlength=n).max()),
+        largest,
+        max_group,
+    )
+    return groups
+
+
+# -- assignment --------------------------------------------------------------------------------

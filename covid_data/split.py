@@ -33,7 +33,7 @@ import pandas as pd
 
 from covid_data.labels import CLASSES
 from covid_data.manifest import read_parquet_bytes, to_parquet_bytes
-from covid_data.near_duplicates import near_pairs, phash_ints
+from covid_data.near_duplicates import duplicate_groups
 from covid_data.store import Store, UnitCompleteError, open_store, read_object
 
 log = logging.getLogger(__name__)
@@ -159,110 +159,7 @@ class SplitRef:
         return self.split_hash + (f"-cap{max_per_class}" if max_per_class else "")
 
 
-# -- near-duplicate grouping -------------------------------------------------------------------
-def _components(n: int, edges_a: list[np.ndarray], edges_b: list[np.ndarray]) -> np.ndarray:
-    """Connected components; each row's label is the smallest row index of its component."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    a = np.concatenate(edges_a) if edges_a else np.empty(0, dtype=np.int64)
-    b = np.concatenate(edges_b) if edges_b else np.empty(0, dtype=np.int64)
-    graph = coo_matrix((np.ones(len(a), dtype=np.int8), (a, b)), shape=(n, n))
-    _, labels = connected_components(graph, directed=False)
-    smallest = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
-    np.minimum.at(smallest, labels, np.arange(n))
-    return smallest[labels]
-
-
-def _group(
-    members: np.ndarray, first_sha: np.ndarray, h: np.ndarray, has: np.ndarray, max_distance: int, chunk: int
-) -> np.ndarray:
-    """Groups among ``members`` (ascending row indices, closed under equal sha256): for each, the
-    smallest row index of its group."""
-    n = len(members)
-    local = np.arange(n)
-    edges_a, edges_b = [local], [np.searchsorted(members, first_sha[members])]
-    if max_distance > 0 and n > 1:
-        mh, mhas = h[members], has[members]
-        with_hash = local[mhas]
-        uniq, inverse = np.unique(mh[mhas], return_inverse=True)
-        rep = np.full(len(uniq), n, dtype=np.int64)
-        np.minimum.at(rep, inverse, with_hash)
-        edges_a.append(with_hash)  # equal pHashes: distance 0
-        edges_b.append(rep[inverse])
-        pending = 0
-        for ua, ub in near_pairs(uniq, max_distance, chunk):
-            edges_a.append(rep[ua])
-            edges_b.append(rep[ub])
-            pending += len(ua)
-            if pending > 4_000_000:  # fold the pairs into components: memory stays O(n)
-                labels = _components(n, edges_a, edges_b)
-                edges_a, edges_b, pending = [local], [labels], 0
-    return members[_components(n, edges_a, edges_b)]
-
-
-def duplicate_groups(
-    sha256: pd.Series,
-    phash: pd.Series,
-    max_distance: int,
-    chunk: int = 512,
-    *,
-    max_group: int | None = None,
-) -> np.ndarray:
-    """Group id per row (the smallest row index of its group): rows with equal sha256 or
-    pHashes within ``max_distance`` bits share one.
-
-    pHash closeness chains transitively, so a group larger than ``max_group`` is regrouped
-    with the distance tightened one bit at a time until every part is within the bound; at 0
-    bits only exact copies (sha256) stay together, so a bound is always met short of that
-    many copies of one file. Each such group is named in a warning."""
-    n = len(sha256)
-    rows = np.arange(n)
-    # Exact copies: every row joins the first row with its sha256 (rows without one stand alone).
-    codes, _ = pd.factorize(pd.Series(sha256).reset_index(drop=True))
-    first_sha = np.where(codes >= 0, pd.Series(rows).groupby(codes).transform("min").to_numpy(), rows)
-    if max_distance > 0:
-        h, has = phash_ints(pd.Series(phash).reset_index(drop=True))
-    else:
-        h, has = np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=bool)
-    groups = _group(rows, first_sha, h, has, max_distance, chunk)
-    sizes = np.bincount(groups, minlength=n)
-    largest = int(sizes.max()) if n else 0
-    if max_group is None or largest <= max_group:
-        log.info("largest duplicate group: %d images", largest)
-        return groups
-
-    def bounded(members: np.ndarray, distance: int) -> np.ndarray:
-        sub = _group(members, first_sha, h, has, distance, chunk)
-        ids, counts = np.unique(sub, return_counts=True)
-        for gid in ids[counts > max_group] if distance > 0 else ():
-            part = sub == gid
-            sub[part] = bounded(members[part], distance - 1)
-        return sub
-
-    for g in np.flatnonzero(sizes > max_group):
-        members = np.flatnonzero(groups == g)
-        parts = bounded(members, max_distance - 1)
-        groups[members] = parts
-        log.warning(
-            "a near-duplicate group of %d images (over the bound of %d) is a pHash chain, not copies of one "
-            "image: regrouped at tighter distances into %d groups of at most %d images",
-            len(members),
-            max_group,
-            len(np.unique(parts)),
-            int(np.unique(parts, return_counts=True)[1].max()),
-        )
-    log.info(
-        "largest duplicate group: %d images (%d before the bound of %d)",
-        int(np.bincount(groups, minlength=n).max()),
-        largest,
-        max_group,
-    )
-    return groups
-
-
-# -- assignment --------------------------------------------------------------------------------
-def _usable(manifest: pd.DataFrame) -> pd.DataFrame:
+def usable_rows(manifest: pd.DataFrame) -> pd.DataFrame:
     usable = manifest[manifest["error"].isna() & manifest["label"].isin(CLASSES)]
     return usable.sort_values("path", kind="stable").reset_index(drop=True)
 
@@ -339,7 +236,7 @@ def make_split(manifest: pd.DataFrame, cfg: SplitConfig, prior: pd.Series | None
 
     ``prior`` (sha256 -> split) holds the assignments of the lineage so far; when any usable
     image is in it, those assignments are carried forward, otherwise the split is drawn afresh."""
-    usable = _usable(manifest)
+    usable = usable_rows(manifest)
     groups = duplicate_groups(
         usable["sha256"], usable["phash"], cfg.near_dup_distance, max_group=cfg.group_bound(len(usable))
     )

@@ -15,7 +15,8 @@ from PIL import Image, ImageEnhance
 
 from covid_data.labels import CLASSES
 from covid_data.manifest import manifest_for_folder
-from covid_data.split import SplitConfig, duplicate_groups, make_split, split_hash, write_split
+from covid_data.near_duplicates import duplicate_groups
+from covid_data.split import SplitConfig, make_split, split_hash, write_split
 from covid_data.store import open_store
 from tests.conftest import make_kaggle_folder
 
