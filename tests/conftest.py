@@ -277,6 +277,14 @@ def small_split(tmp_path_factory) -> str:
     return split.uri
 
 
+@pytest.fixture(scope="session")
+def world(small_split, tmp_path_factory):
+    """Tiny trained models on three splits of ``small_split``, for the champion tests."""
+    from tests.champion_world import build_world
+
+    return build_world(small_split, tmp_path_factory)
+
+
 @pytest.fixture(autouse=True)
 def _no_weight_downloads(monkeypatch):
     """Tests never download weights: an absent file is an error naming it."""

@@ -1,7 +1,8 @@
-"""The champion: blessing on the same images, compare-and-swap, history, rollback, crash safety, CLI.
+"""The champion's promotion decisions: blessing on the same images, compare-and-swap.
 
-Real tiny models (custom_cnn, 32 px, one epoch) trained once per module on real X-rays, and real
-stores (a folder and the GCS emulator, which enforces generation preconditions like GCS).
+Real tiny models (tests/champion_world.py, the ``world`` fixture) and real stores (a folder and
+the GCS emulator, which enforces generation preconditions like GCS). History, rollback, crash
+safety and the command line: tests/test_champion_history.py.
 """
 
 from __future__ import annotations
@@ -13,89 +14,22 @@ import subprocess
 import sys
 import textwrap
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from covid_data.store import open_store, split_object_uri
+from covid_data.store import open_store
 from covid_registry.bless import bless, candidate_record, mcnemar_exact, score_model, split_sha256
 from covid_registry.champion import (
     CHAMPION,
-    ChampionError,
     current,
     decide_and_promote,
     evaluate_and_promote,
     history,
     read_champion,
-    rollback,
 )
+from tests.champion_world import RULES, history_actions
 from tests.conftest import REPO
-
-RULES = {"run_succeeded": True, "margin": 0.0, "covid_sensitivity_floor": 0.0}
-
-
-@dataclass
-class World:
-    split_a: str  # 60/20/20, seed 42: the champion's split
-    split_b: str  # 60/20/20, seed 7: the challenger's (its test overlaps A's train)
-    split_c: str  # 80/20/0: no test split
-    champ: str  # model slots
-    chal: str
-    notest: str
-    capped: str
-    cache: str
-
-
-def _train(split: str, out: Path, cache: Path, seed: int, max_per_class: int | None = None) -> str:
-    from covid_models.train import TrainConfig, train_model
-
-    cfg = TrainConfig(
-        model="custom_cnn",
-        split=split,
-        out=str(out),
-        input_size=32,
-        epochs=1,
-        weights="none",
-        patience=0,
-        batch_size=8,
-        seed=seed,
-        max_per_class=max_per_class,
-        cache_dir=str(cache),
-        verbose=0,
-    )
-    train_model(cfg)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def world(small_split, tmp_path_factory) -> World:
-    from covid_data.dataset import load_manifest
-    from covid_data.split import SplitConfig, write_split
-
-    split_store, _ = split_object_uri(small_split)
-    root, version = split_store.uri.split("/datasets/")[0], split_store.uri.split("/datasets/")[1].split("/")[0]
-    store = open_store(root)
-    manifest = load_manifest(store, version)
-    split_b = write_split(store, version, manifest, SplitConfig(0.6, 0.2, 0.2, seed=7)).uri
-    split_c = write_split(store, version, manifest, SplitConfig(0.8, 0.2, 0.0)).uri
-    base = tmp_path_factory.mktemp("champion-models")
-    cache = base / "cache"
-    return World(
-        split_a=small_split,
-        split_b=split_b,
-        split_c=split_c,
-        champ=_train(small_split, base / "champ", cache, seed=1),
-        chal=_train(split_b, base / "chal", cache, seed=2),
-        notest=_train(split_c, base / "notest", cache, seed=3),
-        capped=_train(split_b, base / "capped", cache, seed=4, max_per_class=2),
-        cache=str(cache),
-    )
-
-
-def _entries(store_uri: str) -> list[tuple[int, str]]:
-    return [(e["seq"], e["action"]) for e in history(store_uri)]
 
 
 # -- blessing ------------------------------------------------------------------------------------
@@ -192,7 +126,7 @@ def test_a_capped_run_never_promotes_even_on_an_empty_store(world, tmp_path):
     d = evaluate_and_promote(store, {**rec, "max_per_class": None}, **RULES, cache_dir=world.cache)
     assert not d["changed"] and d["rule"] == "capped"
     assert not open_store(store).exists(CHAMPION)
-    assert _entries(store) == [(1, "keep"), (2, "keep")]
+    assert history_actions(store) == [(1, "keep"), (2, "keep")]
 
 
 def test_a_run_without_a_test_split_cannot_promote(world, tmp_path):
@@ -306,7 +240,7 @@ def test_concurrent_promotions_one_winner_two_processes(world, store_uri, tmp_pa
     win, lose = (outs[0], outs[1]) if outs[0]["changed"] else (outs[1], outs[0])
     assert lose["action"] == "lost_race" and f"lost the race to run {win['champion']['run_id']}" in lose["reason"]
     assert current(store_uri) == win["champion"]
-    entries = _entries(store_uri)
+    entries = history_actions(store_uri)
     assert sorted(a for _, a in entries) == ["lost_race", "promote", "promote"], (entries, outs)
 
 
@@ -345,172 +279,3 @@ def test_a_champion_from_before_the_history_is_compared_and_replaced(world, tmp_
     assert d["changed"] and d["comparison"]["excluded"] > 0  # its training split came from the slot's config
     entries = history(store)
     assert entries[0]["champion_before"]["run_id"] == "old-run" and entries[0]["status"] == "current champion"
-
-
-# -- history and rollback ------------------------------------------------------------------------
-def test_history_records_every_decision_and_rollback_restores(world, store_uri, tmp_path):
-    champ_rec, chal_rec = candidate_record("run-a", world.champ), candidate_record("run-b", world.chal)
-    kw = {**RULES, "cache_dir": world.cache}
-    d1 = evaluate_and_promote(store_uri, champ_rec, **kw)
-    d2 = evaluate_and_promote(store_uri, chal_rec, **{**kw, "margin": -2.0})
-    d3 = evaluate_and_promote(store_uri, chal_rec, **kw)  # a rerun of the champion's own run
-    d4 = evaluate_and_promote(store_uri, candidate_record("smoke", world.capped), **kw)
-    assert [d["changed"] for d in (d1, d2, d3, d4)] == [True, True, False, False]
-    assert d2["comparison"]["champion_accuracy"] is not None and d3["rule"] == "already_champion"
-    assert current(store_uri)["run_id"] == "run-b"
-
-    d5 = rollback(store_uri, 1, "run-b misreads portable films")
-    assert d5["changed"] and d5["action"] == "rollback"
-    champ = current(store_uri)
-    assert champ["run_id"] == "run-a" and champ["model_uri"] == world.champ
-    assert champ["history_seq"] == 5 and champ["rollback_to"] == 1
-    entries = history(store_uri)
-    assert [(e["seq"], e["action"]) for e in entries] == [
-        (1, "promote"),
-        (2, "promote"),
-        (3, "keep"),
-        (4, "keep"),
-        (5, "rollback"),
-    ]
-    assert [e["applied"] for e in entries] == [True, True, None, None, True]
-    assert entries[4]["status"] == "current champion" and "portable films" in entries[4]["reason"]
-    assert entries[1]["champion_before"]["run_id"] == "run-a" and entries[1]["champion_after"]["run_id"] == "run-b"
-    assert all(e["time"] and e["reason"] for e in entries)
-
-    with pytest.raises(ChampionError, match="no history entry 42"):
-        rollback(store_uri, 42)
-    with pytest.raises(ChampionError, match="made no champion"):
-        rollback(store_uri, 3)
-    with pytest.raises(ChampionError, match="already is the current champion"):
-        rollback(store_uri, 5)
-    assert len(history(store_uri)) == 5  # refusals change nothing
-
-    # Back to run-b (entry 2), then a champion whose slot has since lost its metrics is refused.
-    assert rollback(store_uri, 2)["champion"]["run_id"] == "run-b"
-    assert current(store_uri)["history_seq"] == 6
-    gone = tmp_path / "gone"
-    shutil.copytree(world.champ, gone)
-    blessing = bless(candidate_record("run-gone", str(gone)), current(store_uri), **{**kw, "margin": -2.0})
-    assert decide_and_promote(store_uri, candidate_record("run-gone", str(gone)), blessing)["changed"]
-    assert rollback(store_uri, 1)["changed"]
-    (gone / "metrics.json").unlink()
-    with pytest.raises(ChampionError, match="no longer complete"):
-        rollback(store_uri, 7)
-    assert current(store_uri)["history_seq"] == 8
-
-
-def test_a_rollback_that_loses_the_race_changes_nothing_and_says_so(world, tmp_path, monkeypatch):
-    import covid_registry.champion as registry
-
-    store = str(tmp_path / "store")
-    kw = {**RULES, "margin": -2.0, "cache_dir": world.cache}  # -2: any challenger beats the champion
-    assert evaluate_and_promote(store, candidate_record("run-a", world.champ), **kw)["changed"]
-    assert evaluate_and_promote(store, candidate_record("run-b", world.chal), **kw)["changed"]
-    real = registry._append
-
-    def append_then_someone_promotes(s, build):
-        entry = real(s, build)
-        if entry["action"] == "rollback":  # between the rollback's entry and its swap
-            monkeypatch.setattr(registry, "_append", real)
-            assert evaluate_and_promote(s, candidate_record("run-late", world.champ), **kw)["changed"]
-        return entry
-
-    monkeypatch.setattr(registry, "_append", append_then_someone_promotes)
-    with pytest.raises(ChampionError, match="lost the race to run run-late.*nothing was rolled back"):
-        rollback(store, 1)
-    assert current(store)["run_id"] == "run-late"
-    entries = history(store)
-    assert [e["action"] for e in entries] == ["promote", "promote", "rollback", "promote", "lost_race"]
-    assert not entries[2]["applied"] and "lost the race (entry 5)" in entries[2]["status"]
-    assert entries[3]["status"] == "current champion" and entries[4]["intent_seq"] == 3
-
-
-_CRASH_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from covid_registry.champion import evaluate_and_promote
-    rec = json.loads(open(sys.argv[2]).read())
-    evaluate_and_promote(sys.argv[1], rec, run_succeeded=True, margin=0.0, covid_sensitivity_floor=0.0)
-    """
-)
-
-
-@pytest.mark.parametrize("kill_after", [1, 2])
-def test_a_kill_between_store_writes_needs_no_person(world, tmp_path, kill_after):
-    store = str(tmp_path / "store")
-    rec_file = tmp_path / "rec.json"
-    rec_file.write_text(json.dumps(candidate_record("run-a", world.champ)))
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "COVID_FAULT_KILL_AFTER": str(kill_after),
-        "COVID_FAULT_COUNTER": str(tmp_path / "count"),
-    }
-    res = subprocess.run(
-        [sys.executable, "-c", _CRASH_SCRIPT, store, str(rec_file)], cwd=REPO, env=env, timeout=120, capture_output=True
-    )
-    assert res.returncode == -9, res.stderr[-2000:]
-    entries = history(store)
-    assert [(e["seq"], e["action"]) for e in entries] == [(1, "promote")]
-    if kill_after == 1:  # killed after the entry, before the swap
-        assert current(store) is None
-        assert not entries[0]["applied"] and "interrupted" in entries[0]["status"]
-    else:  # killed right after the swap
-        assert current(store)["history_seq"] == 1 and entries[0]["applied"]
-    # The rerun decides again on its own, and the pointer always parses.
-    d = evaluate_and_promote(store, json.loads(rec_file.read_text()), **RULES)
-    champ = json.loads(open_store(store).read_text(CHAMPION))
-    assert champ["run_id"] == "run-a"
-    if kill_after == 1:
-        assert d["changed"] and champ["history_seq"] == 2
-    else:
-        assert not d["changed"] and d["rule"] == "already_champion" and champ["history_seq"] == 1
-
-
-# -- command line --------------------------------------------------------------------------------
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "covid_registry.champion", *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def test_cli_show_history_rollback(world, tmp_path):
-    store = str(tmp_path / "store")
-    r = _cli("show", "--store", store)
-    assert r.returncode == 0 and "no champion" in r.stdout
-    evaluate_and_promote(store, candidate_record("run-a", world.champ), **RULES)
-    evaluate_and_promote(
-        store, candidate_record("run-b", world.chal), **{**RULES, "margin": -2.0}, cache_dir=world.cache
-    )
-
-    r = _cli("show", "--store", store)
-    assert r.returncode == 0, r.stderr
-    assert '"run_id": "run-b"' in r.stdout and "model slot complete: yes" in r.stdout
-    r = _cli("history", "--store", store)
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    assert lines[0].split()[:4] == ["seq", "time", "action", "run"]
-    assert lines[1].split()[0] == "1" and "promote" in lines[1] and "run-a" in lines[1]
-    assert "current champion" in lines[2] and " vs " in lines[2]
-
-    r = _cli("rollback", "--store", store, "--to", "1", "--reason", "from the CLI")
-    assert r.returncode == 0, r.stderr
-    assert "rolled back to entry 1" in r.stdout and current(store)["run_id"] == "run-a"
-    r = _cli("history", "--store", store, "--json")
-    assert [e["action"] for e in json.loads(r.stdout)] == ["promote", "promote", "rollback"]
-    r = _cli("rollback", "--store", store, "--to", "42")
-    assert r.returncode == 1 and "error: no history entry 42" in r.stderr
-
-    helps = {
-        "show": ["the store: a folder"],
-        "history": ["the store: a folder", "print the entries as JSON"],
-        "rollback": ["the store: a folder", "the history entry (a promote or rollback)", "recorded in the rollback"],
-    }
-    for sub, texts in helps.items():
-        h = _cli(sub, "--help")
-        assert h.returncode == 0 and all(t in " ".join(h.stdout.split()) for t in texts), h.stdout

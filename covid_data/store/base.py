@@ -1,0 +1,70 @@
+"""What every part of the store shares: its errors, MD5 checksums, write results and the fault hook.
+
+Fault injection: with ``COVID_FAULT_KILL_AFTER`` = N and ``COVID_FAULT_COUNTER`` = a file, the
+process that makes the N-th store write (counted across processes in that file) SIGKILLs itself
+right after it. The crash-safety tests use it to stop the pipeline at every write boundary.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+CHUNK = 1 << 20
+
+
+class StoreError(RuntimeError):
+    """Base class for store failures."""
+
+
+class ObjectExistsError(StoreError):
+    """Raised instead of replacing an existing object whose content differs."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store could not be reached (after retries)."""
+
+
+class UnitCompleteError(StoreError):
+    """Raised instead of writing into a unit whose completion marker exists."""
+
+
+def fault_hook() -> None:
+    """Count this store write; SIGKILL this process if it is the N-th (see the module docstring)."""
+    limit = os.environ.get("COVID_FAULT_KILL_AFTER")
+    counter = os.environ.get("COVID_FAULT_COUNTER")
+    if not limit or not counter:
+        return
+    with open(counter, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # processes of one run share the count
+        f.seek(0)
+        n = int(f.read().strip() or 0) + 1
+        f.seek(0)
+        f.truncate()
+        f.write(str(n))
+        f.flush()
+        os.fsync(f.fileno())
+    if n == int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def md5_file(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True)
+class PutResult:
+    key: str
+    written: bool  # False when an identical object was already there
