@@ -43,12 +43,19 @@ def _imports(path: Path) -> list[tuple[str, list[str], bool, int]]:
     """(imported module, names, at module level?, line) for each import of the project's code."""
     tree = ast.parse(path.read_text(), filename=str(path))
     top = set(map(id, tree.body))
-    # an import inside `if TYPE_CHECKING:` or `if __name__ == "__main__":` counts as module level
+    typing_only: set[int] = set()
+    # `if __name__ == "__main__":` runs at module level; `if TYPE_CHECKING:` never runs (annotations only)
     for node in tree.body:
         if isinstance(node, ast.If):
-            top |= {id(n) for n in ast.walk(node)}
+            inner = {id(n) for n in ast.walk(node)}
+            if "TYPE_CHECKING" in ast.unparse(node.test):
+                typing_only |= inner
+            else:
+                top |= inner
     out = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and _package(node.module) in LAYERS:
             names = [a.name for a in node.names]
             for n in names:  # `from covid_eval import external` imports a module
