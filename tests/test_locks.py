@@ -121,6 +121,7 @@ def test_one_run_per_store_released_on_failure_other_stores_concurrent(prefect_s
         for store in (same, other_a, other_b):
             limit = client.read_global_concurrency_limit_by_name(store_lock_name(store))
             assert (limit.limit, limit.active_slots) == (1, 0)
+            assert client.read_variable_by_name(store_lock_name(store)) is None  # no holder record left
     t0 = time.monotonic()
     with store_run_lock(same, timeout_s=10) as name:
         assert name == store_lock_name(same)
