@@ -33,9 +33,23 @@ MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.weights.h5
 CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 
 
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose shared data or tool is absent, except under ``CI=true``, where it fails:
+    CI has ../shared and installs its tools, so a skip there would hide a broken setup."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"under CI=true this cannot be skipped: {reason}")
+    pytest.skip(reason)
+
+
+def require_shared(*paths: Path) -> None:
+    """Skip (fail under ``CI=true``) unless every path of ../shared is there."""
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        skip_or_fail(f"needs {', '.join(missing)} (../shared beside the checkout)")
+
+
 def _require_sample() -> None:
-    if not SAMPLE_ROOT.is_dir():
-        pytest.skip(f"needs the shared X-ray sample at {SAMPLE} (../shared beside the checkout)")
+    require_shared(SAMPLE_ROOT)
 
 
 def sample_files(n_per_class: int, seed: int = 0) -> dict[str, list[Path]]:
@@ -161,7 +175,7 @@ def kaggle_stub():
     try:
         stub.start()
     except OSError as e:
-        pytest.skip(f"the Kaggle API stub needs port 80 on loopback (the client's LOCALHOST endpoint): {e}")
+        skip_or_fail(f"the Kaggle API stub needs port 80 on loopback (the client's LOCALHOST endpoint): {e}")
     yield stub
     stub.stop()
 

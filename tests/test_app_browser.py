@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from covid_data.labels import CLASSES
-from tests.conftest import MOBILENET_WEIGHTS, REPO, SAMPLE, SHARED
+from tests.conftest import MOBILENET_WEIGHTS, REPO, SAMPLE, SHARED, require_shared, skip_or_fail
 
 pytestmark = pytest.mark.slow
 
@@ -53,17 +53,14 @@ def _require_browser() -> None:
         except ImportError:
             missing = "the playwright Python package (pip install -e '.[test]')"
     if missing:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"the browser tests need {missing}")
-        pytest.skip(f"needs {missing}")
+        skip_or_fail(f"the browser tests need {missing}")
 
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory) -> dict:
     """A smoke run published with its app bundle: store, run id, the bundle's data."""
     _require_browser()
-    if not SAMPLE.is_dir() or not MOBILENET_WEIGHTS.is_file():
-        pytest.skip(f"needs the shared sample and weights under {SHARED}")
+    require_shared(SAMPLE, MOBILENET_WEIGHTS)
     base = tmp_path_factory.mktemp("app-run")
     store = base / "store"
     env = {

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from covid_app import guard as G
-from tests.conftest import MOBILENET_WEIGHTS, SHARED, make_kaggle_folder
+from tests.conftest import MOBILENET_WEIGHTS, SHARED, make_kaggle_folder, require_shared
 from tests.photographs import photographs
 
 OOD = SHARED / "data" / "ood-radiographs"
@@ -21,8 +21,7 @@ def _images(paths) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, monkeypatch_module):
-    if not MOBILENET_WEIGHTS.is_file() or not OOD.is_dir():
-        pytest.skip(f"needs {MOBILENET_WEIGHTS} and {OOD} (../shared beside the checkout)")
+    require_shared(MOBILENET_WEIGHTS, OOD)
     from covid_data.dataset import fetch_dataset, load_manifest
     from covid_data.split import SplitConfig, write_split
     from covid_data.store import open_store

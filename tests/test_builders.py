@@ -16,7 +16,7 @@ from covid_models.builders import (
     set_trainable,
 )
 from covid_models.weights import MissingWeightsError
-from tests.conftest import MOBILENET_WEIGHTS
+from tests.conftest import MOBILENET_WEIGHTS, require_shared
 
 SMALL = {"inception_v3": 75, "inception_resnet_v2": 75}
 
@@ -103,8 +103,7 @@ def test_in_graph_preprocessing_matches_the_application(name, channels):
 
 
 def test_real_imagenet_weights_by_path_and_from_the_local_folder(tmp_path, monkeypatch):
-    if not MOBILENET_WEIGHTS.is_file():
-        pytest.skip(f"needs the shared MobileNetV2 weights at {MOBILENET_WEIGHTS}")
+    require_shared(MOBILENET_WEIGHTS)
     by_path = build_model("mobilenet_v2", input_size=96, weights=str(MOBILENET_WEIGHTS))
     folder = tmp_path / "keras-models"
     folder.mkdir()

@@ -17,7 +17,7 @@ import pytest
 from covid_models.metrics import classification_metrics, expected_calibration_error, wilson_interval
 from covid_models.stored import load_trained_model
 from covid_models.train import TrainConfig, train_model
-from tests.conftest import MOBILENET_WEIGHTS, REPO
+from tests.conftest import MOBILENET_WEIGHTS, REPO, require_shared
 
 
 def test_metrics_on_a_known_confusion():
@@ -55,8 +55,7 @@ def test_wilson_interval_and_calibration_error():
 
 @pytest.fixture(scope="module")
 def trained_mobilenet(small_split, tmp_path_factory):
-    if not MOBILENET_WEIGHTS.is_file():
-        pytest.skip(f"needs the shared MobileNetV2 weights at {MOBILENET_WEIGHTS}")
+    require_shared(MOBILENET_WEIGHTS)
     base = tmp_path_factory.mktemp("mobilenet")
     cfg = TrainConfig(
         model="mobilenet_v2",

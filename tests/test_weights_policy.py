@@ -13,7 +13,7 @@ from covid_models.describe import describe_weights
 from covid_models.presets import get_preset, plan_models
 from covid_models.stored import load_trained_model
 from covid_models.train import TrainConfig, train_model
-from tests.conftest import MOBILENET_WEIGHTS
+from tests.conftest import MOBILENET_WEIGHTS, require_shared
 
 
 @pytest.mark.parametrize("model", ["vgg16", "mobilenet_v2", "resnet50"])
@@ -33,8 +33,7 @@ def weights_folder(tmp_path, monkeypatch):
 
 
 def test_missing_imagenet_file_skips_the_model_naming_the_file(weights_folder, tmp_path):
-    if not MOBILENET_WEIGHTS.is_file():
-        pytest.skip(f"needs {MOBILENET_WEIGHTS}")
+    require_shared(MOBILENET_WEIGHTS)
     shutil.copy(MOBILENET_WEIGHTS, weights_folder / MOBILENET_WEIGHTS.name)
     models = ["custom_cnn", "mobilenet_v2", "vgg16", "densenet169"]
     configs, skipped = plan_models(get_preset("cpu"), "split-uri", "abc", str(tmp_path / "store"), models)
