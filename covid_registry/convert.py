@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 DISCLAIMER = "Research use only: not a medical device and not for diagnosis."
 TFLITE_MAX_PROB_DIFF = 1e-3  # float32 TFLite against Keras on the same images
 COREML_MAX_PROB_DIFF = 2e-2  # fp16 Core ML against float32 Keras
+# 8-bit weights move probabilities by a few points (checked where the Core ML runtime exists: macOS).
+COREML_INT8_MAX_PROB_DIFF = 0.05
 
 
 class ExportCheckError(RuntimeError):
@@ -246,7 +248,7 @@ def check_coreml(package: Path, *, size: int, channels: int, metadata: dict[str,
     if platform.system() == "Darwin":
         checks["runtime"] = "available: outputs compared with Keras on real test images after conversion"
     else:
-        checks["runtime_parity"] = f"skipped: the Core ML runtime needs macOS (this is {platform.system()})"
+        checks["runtime_parity"] = f"unchecked: the Core ML runtime needs macOS (this is {platform.system()})"
     return checks
 
 

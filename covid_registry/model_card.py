@@ -123,3 +123,21 @@ def calibration_lines(cal: dict[str, Any] | None) -> list[str]:
         "|---|---|---|",
         *rows,
     ]
+
+
+def export_lines(variants: dict[str, dict[str, Any]] | None) -> list[str]:
+    """The card's "Exports" section: each phone format, its size and how closely it matches Keras."""
+    if not variants:
+        return []
+    names = {"coreml": "Core ML (fp16)", "coreml-int8": "Core ML (8-bit weights)", "tflite": "TFLite (float32)"}
+    lines = ["", "## Exports", "| format | size | agreement with the Keras model |", "|---|---|---|"]
+    for v, rec in variants.items():
+        checks = rec.get("checks") or {}
+        if "max_prob_diff" in checks:
+            check = f"max |Δp| {checks['max_prob_diff']:.1e} on {checks.get('images', '?')} test images, every class"
+        elif "runtime_max_prob_diff" in checks:
+            check = f"max |Δp| {checks['runtime_max_prob_diff']:.1e} (bound {checks.get('runtime_bound', '?')})"
+        else:
+            check = str(checks.get("runtime_parity") or "unchecked")
+        lines.append(f"| {names.get(v, v)} | {rec.get('bytes', 0) / 1e6:.1f} MB | {check} |")
+    return lines

@@ -19,7 +19,7 @@ from typing import Any
 from covid_data.store import Store, Unit, open_store
 from covid_eval.gallery import card_lines, contact_sheet, small_png
 from covid_eval.gradcam import shortcut_meaning
-from covid_registry.model_card import describe_weights, model_card
+from covid_registry.model_card import describe_weights, export_lines, model_card
 
 MARKER = "run.json"
 MODEL_FILES = ("model.keras", "metrics.json", "history.json", "history.csv", "curves.png")
@@ -85,6 +85,7 @@ def write_run_folder(
         card = model_card(
             e["model"], stored["metrics"], stored["config"], card_data, stored.get("weights"), e.get("calibration")
         )
+        card = with_card_section(card, export_lines(e.get("variants")))
         card = with_card_section(card, card_lines(explained.get(e["model"])))
         unit.put_text(f"model_cards/{e['model']}.md", card)
     if blessing is not None:

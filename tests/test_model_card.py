@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from covid_registry.model_card import describe_weights, model_card
+from covid_registry.model_card import describe_weights, export_lines, model_card
 
 
 def _metrics(n: int, acc: float) -> dict:
@@ -35,3 +35,37 @@ def test_weights_are_described_as_what_they_are():
     assert describe_weights("custom_cnn", {"weights": "imagenet"}) == "trained from scratch (all layers)"
     assert describe_weights("vgg16", ft, {"kind": "none"}).startswith("random initialisation; head trained, then")
     assert "top 20 backbone layers fine-tuned" in describe_weights("vgg16", ft, {"kind": "none"})
+
+
+def test_card_exports_section_says_what_was_checked_and_what_was_not():
+    lines = "\n".join(
+        export_lines(
+            {
+                "coreml": {
+                    "bytes": 4_200_000,
+                    "checks": {"runtime_parity": "unchecked: the Core ML runtime needs macOS"},
+                },
+                "coreml-int8": {"bytes": 1_100_000, "checks": {"runtime_max_prob_diff": 0.031, "runtime_bound": 0.05}},
+                "tflite": {"bytes": 8_400_000, "checks": {"max_prob_diff": 2.5e-6, "images": 32}},
+            }
+        )
+    )
+    assert "| Core ML (fp16) | 4.2 MB | unchecked: the Core ML runtime needs macOS |" in lines
+    assert "| Core ML (8-bit weights) | 1.1 MB | max |Δp| 3.1e-02 (bound 0.05) |" in lines
+    assert "| TFLite (float32) | 8.4 MB | max |Δp| 2.5e-06 on 32 test images, every class |" in lines
+    assert export_lines(None) == []
+
+
+def test_parity_sample_takes_every_class_in_turn_and_is_seeded():
+    import pandas as pd
+
+    from covid_registry.exports import parity_sample
+
+    # path-sorted, as a split is: the first 32 rows are all COVID
+    frame = pd.DataFrame({"label": ["COVID"] * 40 + ["Lung_Opacity"] * 5 + ["Normal"] * 40 + ["Viral Pneumonia"] * 3})
+    rows = parity_sample(frame, 32)
+    counts = frame.iloc[rows]["label"].value_counts().to_dict()
+    assert len(rows) == len(set(rows)) == 32
+    assert counts == {"COVID": 12, "Normal": 12, "Lung_Opacity": 5, "Viral Pneumonia": 3}
+    assert parity_sample(frame, 32) == rows and parity_sample(frame, 32, seed=1) != rows
+    assert sorted(parity_sample(frame, 500)) == list(range(len(frame)))  # more than there are: all of them
