@@ -1,6 +1,6 @@
 """The phone formats of a trained model, stored beside it and converted once.
 
-Each format is its own stored unit under the model's slot, ``exports/<variant>/`` with
+Each format is its own stored unit under the model's slot, ``exports/<variant>[-t<temperature>]/`` with
 ``export.json`` written last: ``coreml`` (fp16 ML Program), ``coreml-int8`` (8-bit weights) and
 ``tflite`` (float32). A run that needs a variant the model does not have yet converts only that
 one; a complete variant is never converted or written again (Core ML packages carry fresh UUIDs,
@@ -39,10 +39,17 @@ MARKER = "export.json"
 VARIANTS = ("coreml", "coreml-int8", "tflite")
 
 
-def export_slot(model_uri: str, variant: str) -> Unit:
+def export_prefix(variant: str, temperature: float = 1.0) -> str:
+    """``exports/<variant>`` for uncalibrated probabilities (T = 1), else ``exports/<variant>-t<T>``: the
+    temperature is built into the graph, so an export with another temperature is another unit."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown export {variant!r}; choose from {VARIANTS}")
-    return Unit(open_store(model_uri), f"exports/{variant}", MARKER)
+    t = float(temperature)
+    return f"exports/{variant}" if abs(t - 1.0) < 1e-9 else f"exports/{variant}-t{t:.6g}"
+
+
+def export_slot(model_uri: str, variant: str, temperature: float = 1.0) -> Unit:
+    return Unit(open_store(model_uri), export_prefix(variant, temperature), MARKER)
 
 
 def wanted_variants(int8: bool) -> list[str]:
@@ -123,18 +130,8 @@ def ensure_exports(
 
     ``temperature`` (covid_eval.calibration) is built into the exported graph, so every format
     gives calibrated probabilities."""
-    slots = {v: export_slot(model_uri, v) for v in variants}
+    slots = {v: export_slot(model_uri, v, temperature) for v in variants}
     records = {v: s.record() for v, s in slots.items()}
-    for v, r in records.items():
-        if r is not None and abs(float(r.get("temperature", 1.0)) - temperature) > 1e-9:
-            log.warning(
-                "the stored %s export of %s has temperature %s, not %.4f: it is kept (complete exports are never "
-                "rewritten)",
-                v,
-                model_uri,
-                r.get("temperature", 1.0),
-                temperature,
-            )
     todo = [v for v, r in records.items() if r is None]
     if not todo:
         log.info("exports %s of %s are already stored: not converted again", variants, model_uri)
@@ -150,7 +147,10 @@ def ensure_exports(
             rec = _convert(v, model, name, Path(tmp), version=version, metrics=metrics, images=images)
             slot = slots[v]
             slot.put_tree(rec["file"], Path(tmp) / rec["file"])
-            slot.complete({"variant": v, "model": name, "version": version, "temperature": temperature, **rec})
+            slot.complete(
+                {"variant": v, "prefix": slot.prefix, "model": name, "version": version, "temperature": temperature}
+                | rec
+            )
         records[v] = slot.record()
         log.info("exported %s as %s: %.1f MB", name, v, records[v]["bytes"] / 1e6)
     return {v: _with_uri(slots[v], r) for v, r in records.items()}

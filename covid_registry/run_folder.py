@@ -78,9 +78,9 @@ def write_run_folder(
     for e in exports:
         src = open_store(e["model_uri"])
         for variant in e["variants"].values():
-            prefix = f"exports/{variant['variant']}/{variant['file']}"
-            keys = src.list(prefix)
-            _copy_objects(src, keys, unit, lambda k, m=e["model"], v=variant: f"exports/{m}/{k.split('/', 2)[2]}")
+            folder = variant.get("prefix") or f"exports/{variant['variant']}"  # records before the key had T
+            keys = src.list(f"{folder}/{variant['file']}")
+            _copy_objects(src, keys, unit, lambda k, m=e["model"], f=folder: f"exports/{m}/{k[len(f) + 1 :]}")
         stored = json.loads(src.read_text("metrics.json"))
         card = model_card(
             e["model"], stored["metrics"], stored["config"], card_data, stored.get("weights"), e.get("calibration")

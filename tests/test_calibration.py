@@ -117,3 +117,8 @@ def test_exports_carry_the_temperature(trained, tmp_path):
         got.append(it.get_tensor(it.get_output_details()[0]["index"])[0])
     np.testing.assert_allclose(got, apply_temperature(model.predict(x, verbose=0), t), atol=1e-5)
     assert calibrated_model(model, 1.0) is model
+    # Another temperature is another export unit: the T = 2.5 file is never handed out for T = 1.
+    plain = ensure_exports(model_uri, ["tflite"], split_uri=split, version="t", metrics={}, temperature=1.0)["tflite"]
+    assert plain["temperature"] == 1.0 and plain["uri"] != v["uri"] and "-t2.5/" in v["uri"]
+    again = ensure_exports(model_uri, ["tflite"], split_uri=split, version="t", metrics={}, temperature=t)["tflite"]
+    assert again["uri"] == v["uri"]  # complete: read back, not converted again
