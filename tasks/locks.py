@@ -5,35 +5,25 @@
 ``champion.json`` of a store, so the ``retrain`` flow holds :func:`store_run_lock` around its body:
 a global concurrency limit named after the store (``retrain-store-<12 hex digits>``) with one slot.
 
-The slot alone cannot say whether its holder still lives. Prefect frees a slot whose holder died
-when the holder's lease expires, but leases live in the memory of the Prefect server, and the
-temporary server a run starts when ``PREFECT_API_URL`` is unset dies with the run (temporary
-servers also never expire leases): a run killed with ``SIGKILL`` (an OOM kill) left the slot taken
-in the Prefect database for good, and every later run on the store waited its full 8 hours.
+The slot cannot say whether its holder lives, and the lease that frees a dead holder's slot lives
+in the Prefect server's memory: the temporary server of a run without ``PREFECT_API_URL`` dies with
+it (and never expires leases), so a SIGKILLed run used to lock its store for the full 8 hours. So
+the holder also keeps a *holder record*, a Prefect variable named like the limit: flow run, pid,
+host, since when, lease, and a heartbeat rewritten every ``HEARTBEAT_S``. A run finding the slot
+taken waits while the holder lives, and *takes over* the slot of a dead one: at once when it ran on
+this machine (same kernel boot and pid namespace) and its process is gone; after ``STALE_AFTER_S``
+of an unchanged heartbeat when it ran on another machine; a slot without a record (left by the
+previous version, or by a run killed before it wrote its record) after ``STALE_AFTER_S`` with a
+temporary server, after ``LEASE_DURATION_S`` + 60 s with a long-lived one (which frees it first).
 
-So the holder also keeps a *holder record* in the same database, a Prefect variable of the same
-name as the limit: who holds the slot (flow run, pid, host, since when), the lease, and a heartbeat
-rewritten every ``HEARTBEAT_S``. A run that finds the slot taken reads the record and
-
-- waits while the holder lives: a holder on this machine (same kernel boot and pid namespace) while
-  its process exists, another machine's while its heartbeat moves;
-- *takes over* the slot of a dead holder: at once when the holder was on this machine and its
-  process is gone; after ``STALE_AFTER_S`` of an unchanged heartbeat for another machine's; and a
-  taken slot without a record (a run of an older version, or one killed between taking the slot
-  and writing its record) after ``STALE_AFTER_S`` with a temporary server, or, with a long-lived
-  server, once that server would have freed it itself (``LEASE_DURATION_S`` + 60 s) and has not.
-
-Taking over leaves the slot's count as it is (the dead run's slot becomes the taker's), so no
-slot is freed twice: among runs that find one dead holder, the one that creates the variable
-``<limit>-takeover-<dead holder's token>`` first takes over, the others keep waiting. A dead
-holder's lease that a long-lived server still holds is renewed and kept by the taker, so the
-server's lease expiry cannot free the slot under it. A waiting run logs who holds the store every
-``REPORT_EVERY_S``, and stops at once on SIGTERM/SIGINT or when its flow run is cancelled.
-
-Limits: a holder on another machine that lives but writes no heartbeat for ``STALE_AFTER_S`` (a
-frozen process, the API unreachable from it alone) is taken over as dead; it logs an error when it
-notices and leaves the slot to the taker. A run of the older version that still runs has no record,
-and is taken over after the delay above.
+Taking over leaves the slot's count as it is (the dead run's slot becomes the taker's), so no slot
+is freed twice; of the runs that find one dead holder, the one that creates the variable
+``<limit>-takeover-<holder's token>`` takes over. A dead holder's lease that a long-lived server
+still holds is renewed and kept by the taker, so its expiry cannot free the slot under the taker.
+A waiting run logs who holds the store every ``REPORT_EVERY_S``, and stops at once on SIGTERM or
+SIGINT, or when its flow run is cancelled. Limits: a live holder on another machine that writes no
+heartbeat for ``STALE_AFTER_S`` (frozen, or cut off from the API) is taken over as dead (it logs an
+error when it notices); so is a still-running run of the previous version, after the delay above.
 """
 
 from __future__ import annotations
@@ -53,11 +43,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, VariableCreate, VariableUpdate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.asyncio import AcquireConcurrencySlotTimeoutError, ConcurrencySlotAcquisitionError
-from prefect.exceptions import Abort, ObjectAlreadyExists, ObjectNotFound
+from prefect.context import FlowRunContext
+from prefect.exceptions import Abort, MissingContextError, ObjectAlreadyExists, ObjectNotFound
+from prefect.settings import PREFECT_API_URL
+from prefect.states import Cancelled
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +62,7 @@ HEARTBEAT_S = 10.0  # how often the holder rewrites its record (and renews its l
 STALE_AFTER_S = 45.0  # a heartbeat from another machine unchanged this long: its holder is dead
 POLL_S = 2.0  # how often a waiting run asks for the slot again
 REPORT_EVERY_S = 30.0  # how often a waiting run logs who holds the store
-# A long-lived server frees a dead holder's slot this long after its lease expired (its repossessor
-# runs every few seconds): a slot without a holder record waits for that before it is taken over.
-UNRECORDED_MARGIN_S = 60.0
+UNRECORDED_MARGIN_S = 60.0  # after a lease expires, a long-lived server frees its slot within this
 # Set by tests to play a holder on another machine; otherwise this machine's kernel boot and pid namespace.
 MACHINE_ENV = "COVID_LOCK_MACHINE_ID"
 
@@ -101,11 +93,8 @@ def store_lock_name(store_uri: str) -> str:
 
 
 def ensure_store_limit(name: str) -> None:
-    """Create the one-slot limit ``name`` unless it exists (an existing limit is left as it is).
-
-    Without the limit, acquisition would run unguarded, so it is created here and acquisition below
-    is strict. Two runs creating it at once is harmless: the loser gets ``ObjectAlreadyExists``.
-    """
+    """Create the one-slot limit ``name`` unless it exists (an existing limit is left as it is); two
+    runs creating it at once is harmless (the loser gets ``ObjectAlreadyExists``)."""
     with get_client(sync_client=True) as client:
         try:
             existing = client.read_global_concurrency_limit_by_name(name)
@@ -129,37 +118,26 @@ def ensure_store_limit(name: str) -> None:
 
 
 def _machine_id() -> str:
-    """Processes with one machine id see each other's pids: the kernel boot and the pid namespace."""
+    """Processes with one machine id see each other's pids: the kernel boot and the pid namespace.
+    Without Linux' /proc, no other process shares this one's: its holders go by heartbeat."""
     if os.environ.get(MACHINE_ENV):
         return os.environ[MACHINE_ENV]
     try:
         boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
     except OSError:
-        return "host:" + socket.gethostname()
+        return f"{socket.gethostname()}/{os.getpid()}"
 
 
 def _process_start(pid: int) -> str | None:
-    """The process' start time (clock ticks since boot), ``None`` when no such process runs, ``""``
-    when it runs but this system does not say when it started."""
+    """The process' start time (clock ticks since boot); ``None`` when no such process runs."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except FileNotFoundError:
-        if Path("/proc/self/stat").exists():
-            return None
-        try:  # no /proc: only whether the pid exists
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            pass
-        return ""
+        return None
     except OSError:
         return ""
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):  # killed, not yet reaped: dead
-        return None
-    return fields[19]
+    return None if fields[0] in ("Z", "X") else fields[19]  # Z: killed, not yet reaped
 
 
 def _holder_alive(record: dict[str, Any]) -> bool | None:
@@ -174,9 +152,7 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _ago(iso: str | None) -> str:
-    if not iso:
-        return "?"
+def _ago(iso: str) -> str:
     s = max(0, int((datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()))
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
@@ -188,13 +164,11 @@ def _describe(record: dict[str, Any] | None) -> str:
     who = f"flow run '{record['flow_run_name']}' ({run})" if run else "a process"
     return (
         f"{who}, pid {record['pid']} on {record['host']}, since {record['since']} ({_ago(record['since'])} ago), "
-        f"last heartbeat {_ago(record.get('heartbeat'))} ago"
+        f"last heartbeat {_ago(record['heartbeat'])} ago"
     )
 
 
 def _flow_run() -> tuple[str | None, str | None]:
-    from prefect.context import FlowRunContext
-
     ctx = FlowRunContext.get()
     if ctx is None or ctx.flow_run is None:
         return None, None
@@ -203,15 +177,10 @@ def _flow_run() -> tuple[str | None, str | None]:
 
 def _server() -> str:
     """The API this process uses: a URL, or ``ephemeral`` (a temporary server that dies with it)."""
-    from prefect.settings import PREFECT_API_URL
-
     return PREFECT_API_URL.value() or "ephemeral"
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter:
-    from prefect import get_run_logger
-    from prefect.exceptions import MissingContextError
-
     try:
         return get_run_logger()
     except MissingContextError:
@@ -260,37 +229,17 @@ def _new_record(store_uri: str, lease_id: uuid.UUID | None) -> dict[str, Any]:
     }
 
 
-class _Watch:
-    """How long the waiting run has seen the same record (and heartbeat) unchanged."""
-
-    def __init__(self) -> None:
-        self.key: object = ()
-        self.since = 0.0
-
-    def observe(self, record: dict[str, Any] | None) -> float:
-        key = None if record is None else (record["token"], record.get("beats"))
-        if key != self.key:
-            self.key, self.since = key, time.monotonic()
-        return time.monotonic() - self.since
-
-
-# --- taking and giving back the slot --------------------------------------------------------------
-
-
 def _try_take(client, name: str, lease_duration_s: float, holder: ConcurrencyLeaseHolder | None) -> uuid.UUID | None:
     """Take the free slot (its lease id), or ``None`` when it is taken."""
     try:
         response = client.increment_concurrency_slots_with_lease(
             names=[name], slots=1, mode="concurrency", lease_duration=lease_duration_s, holder=holder
         )
-    except httpx.HTTPStatusError as e:
-        if e.response.status_code == 423:
-            return None
-        raise ConcurrencySlotAcquisitionError(f"Unable to acquire the concurrency slot of {name}: {e}") from e
     except httpx.HTTPError as e:
+        if isinstance(e, httpx.HTTPStatusError) and e.response.status_code == 423:
+            return None
         raise ConcurrencySlotAcquisitionError(f"Unable to acquire the concurrency slot of {name}: {e!r}") from e
-    data = response.json()
-    if not data.get("limits"):
+    if not (data := response.json()).get("limits"):
         raise ConcurrencySlotAcquisitionError(f"Concurrency limit {name!r} must be created before acquiring slots")
     return uuid.UUID(data["lease_id"])
 
@@ -306,181 +255,145 @@ def _renew(client, lease_id: str, lease_duration_s: float) -> bool:
     return True
 
 
-def _take_over(
-    client,
-    name: str,
-    store_uri: str,
-    dead: dict[str, Any] | None,
-    unchanged_s: float,
-    stale_after_s: float,
-    lease_s: float,
-) -> dict[str, Any] | None:
-    """Make the dead holder's slot this run's; the new record, or ``None`` (keep waiting)."""
-    logger = _run_logger()
-    if dead is None:
-        # A taken slot without a record: claim it by creating the record (only one creator wins).
-        mine = _new_record(store_uri, None)
-        try:
-            client.create_variable(VariableCreate(name=name, value=mine))
-        except ObjectAlreadyExists:
-            return None
-        logger.warning("store %s (%s): took over the slot of %s", store_uri, name, _describe(None))
-        return mine
-    lease_id = dead.get("lease_id")
-    if lease_id and dead.get("server") != "ephemeral":
-        # A long-lived server may still hold the dead run's lease (then it expires it later): keep it.
-        if not _renew(client, lease_id, lease_s):
-            # Expired and freed by the server (then the slot is now someone else's, and their record
-            # is on its way), or lost in a server restart (then nobody frees the slot): wait long
-            # enough to tell.
-            if unchanged_s < stale_after_s:
-                return None
-            lease_id = None
-    else:
-        lease_id = None  # a temporary server's leases die with it
-    claim = f"{name}-takeover-{dead['token']}"
-    try:
-        client.create_variable(VariableCreate(name=claim, value={"at": _now(), "by_pid": os.getpid()}))
-    except ObjectAlreadyExists:
-        return None  # another waiting run takes it over
-    current = _read_record(client, name)
-    if current is None or current["token"] != dead["token"]:
-        _delete_variable(client, claim)
-        return None
-    mine = _new_record(store_uri, uuid.UUID(lease_id) if lease_id else None)
-    mine["took_over"] = dead["token"]
-    _write_record(client, name, mine)
-    if dead.get("took_over"):  # the dead run had itself taken over: its claim is done with
-        _delete_variable(client, f"{name}-takeover-{dead['took_over']}")
-    logger.warning("store %s (%s): took over the slot of dead %s", store_uri, name, _describe(dead))
-    return mine
-
-
 def _check_cancelled(client, run_id: str | None) -> None:
-    if run_id is None:
-        return
-    state = client.read_flow_run(uuid.UUID(run_id)).state
+    state = client.read_flow_run(uuid.UUID(run_id)).state if run_id else None
     if state is not None and (state.is_cancelling() or state.is_cancelled()):
         message = "cancelled while waiting for the store's retraining slot"
         if state.is_cancelling():  # a run that no worker supervises would stay Cancelling
-            from prefect.states import Cancelled
-
             state = client.set_flow_run_state(uuid.UUID(run_id), Cancelled(message=message)).state or state
         exc = StoreLockCancelled(f"flow run {run_id} was {message}")
         exc.state = state  # the engine keeps this state instead of proposing Failed
         raise exc
 
 
-def _acquire(
-    name: str,
-    store_uri: str,
-    timeout_s: float | None,
-    lease_duration_s: float,
-    stale_after_s: float,
-    report_every_s: float,
-) -> dict[str, Any]:
-    logger = _run_logger()
-    run_id, _ = _flow_run()
-    holder = ConcurrencyLeaseHolder(type="flow_run", id=uuid.UUID(run_id)) if run_id else None
-    t0 = time.monotonic()
-    deadline = None if timeout_s is None else t0 + timeout_s
-    watch, reported = _Watch(), None
-    with get_client(sync_client=True) as client:
-        while True:
-            lease_id = _try_take(client, name, lease_duration_s, holder)
-            if lease_id is not None:
-                mine = _new_record(store_uri, lease_id)
-                try:
-                    _write_record(client, name, mine)
-                except BaseException:  # not holding a slot nobody could tell the holder of
-                    client.release_concurrency_slots_with_lease(lease_id)
-                    raise
-                return mine
-            record = _read_record(client, name)
-            unchanged_s = watch.observe(record)
-            alive = None if record is None else _holder_alive(record)
-            # Without a record, a long-lived server may still hold the holder's lease, and would
-            # free the slot a second time when it expires: leave that to the server, and take over
-            # only what it never frees (leases lost in a restart of the server).
-            stale_s = stale_after_s if record or _server() == "ephemeral" else lease_duration_s + UNRECORDED_MARGIN_S
-            if alive is False or (alive is None and unchanged_s >= stale_s):
-                mine = _take_over(client, name, store_uri, record, unchanged_s, stale_after_s, lease_duration_s)
-                if mine is not None:
-                    return mine
-            now = time.monotonic()
-            if reported is None or now - reported >= report_every_s:
-                reported = now
-                logger.info(
-                    "store %s (%s) is held by %s; waiting (%.0fs so far, up to %s)",
-                    store_uri,
-                    name,
-                    _describe(record),
-                    now - t0,
-                    "ever" if timeout_s is None else f"{timeout_s:.0f}s",
-                )
-            _check_cancelled(client, run_id)
-            if deadline is not None and now >= deadline:
-                raise AcquireConcurrencySlotTimeoutError(
-                    f"store {store_uri} ({name}) still held by {_describe(record)} after {timeout_s:.0f}s"
-                )
-            time.sleep(POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - now)))
+class _StoreLock:
+    """One run's hold on a store: waiting, taking over, the heartbeat thread, giving back."""
 
-
-class _Heartbeat:
-    """Rewrites the holder record and renews the lease every ``period`` seconds, in a thread."""
-
-    def __init__(self, name: str, record: dict[str, Any], period: float, lease_duration_s: float):
-        self.name, self.record, self.period, self.lease_s = name, record, period, lease_duration_s
-        self.stop = threading.Event()
-        self.lost: str | None = None  # why the record is no longer this run's
-        self.lease_lost = False
+    def __init__(self, store_uri: str, lease_s: float, heartbeat_s: float, stale_after_s: float, report_s: float):
+        self.store, self.name = store_uri, store_lock_name(store_uri)
+        self.lease_s, self.heartbeat_s, self.stale_after_s, self.report_s = (
+            lease_s,
+            heartbeat_s,
+            stale_after_s,
+            report_s,
+        )
         self.logger = _run_logger()
-        ctx = contextvars.copy_context()  # the same Prefect settings (API URL) as the caller
-        self.thread = threading.Thread(target=ctx.run, args=(self._loop,), daemon=True, name=f"heartbeat-{name}")
+        self.record: dict[str, Any] = {}
+        self.lease_lost = False
+        self.stop = threading.Event()
+        ctx = contextvars.copy_context()  # the heartbeat thread uses the caller's Prefect settings (API URL)
+        self.thread = threading.Thread(target=ctx.run, args=(self._beat_loop,), daemon=True, name=self.name)
 
-    def _loop(self) -> None:
+    def acquire(self, timeout_s: float | None) -> None:
+        run_id, _ = _flow_run()
+        holder = ConcurrencyLeaseHolder(type="flow_run", id=uuid.UUID(run_id)) if run_id else None
+        t0 = time.monotonic()
+        seen, seen_at, reported = (), t0, None
         with get_client(sync_client=True) as client:
-            while not self.stop.wait(self.period) and self.lost is None:
+            while True:
+                if (lease_id := _try_take(client, self.name, self.lease_s, holder)) is not None:
+                    self.record = _new_record(self.store, lease_id)
+                    try:
+                        _write_record(client, self.name, self.record)
+                    except BaseException:  # not holding a slot whose holder nobody could tell
+                        client.release_concurrency_slots_with_lease(lease_id)
+                        raise
+                    return
+                record = _read_record(client, self.name)
+                if (key := record and (record["token"], record["beats"])) != seen:
+                    seen, seen_at = key, time.monotonic()
+                unchanged_s = time.monotonic() - seen_at
+                alive = None if record is None else _holder_alive(record)
+                # Without a record, a long-lived server may still hold the holder's lease and free the
+                # slot when it expires: leave that to it, and take over only what it never frees
+                # (leases lost in a restart of the server).
+                stale_s = (
+                    self.stale_after_s if record or _server() == "ephemeral" else self.lease_s + UNRECORDED_MARGIN_S
+                )
+                if (alive is False or (alive is None and unchanged_s >= stale_s)) and self._take_over(
+                    client, record, unchanged_s
+                ):
+                    return
+                now, held = time.monotonic(), f"store {self.store} ({self.name}) is held by {_describe(record)}"
+                if reported is None or now - reported >= self.report_s:
+                    reported, limit = now, "ever" if timeout_s is None else f"{timeout_s:.0f}s"
+                    self.logger.info("%s; waiting (%.0fs so far, up to %s)", held, now - t0, limit)
+                _check_cancelled(client, run_id)
+                if timeout_s is not None and now - t0 >= timeout_s:
+                    raise AcquireConcurrencySlotTimeoutError(f"{held}, still after {timeout_s:.0f}s")
+                time.sleep(POLL_S if timeout_s is None else max(0.0, min(POLL_S, t0 + timeout_s - now)))
+
+    def _take_over(self, client, dead: dict[str, Any] | None, unchanged_s: float) -> bool:
+        """Make the dead holder's slot this run's; ``False``: keep waiting."""
+        if dead is None:  # a taken slot without a record: claim it by creating the record (one creator wins)
+            mine = _new_record(self.store, None)
+            try:
+                client.create_variable(VariableCreate(name=self.name, value=mine))
+            except ObjectAlreadyExists:
+                return False
+            self.record = mine
+            self.logger.warning("store %s (%s): took over the slot of %s", self.store, self.name, _describe(None))
+            return True
+        lease_id = dead["lease_id"] if dead["server"] != "ephemeral" else None  # temporary servers' die with them
+        # A long-lived server may still hold the dead run's lease, and expire it later: keep it. If it
+        # does not know it, it expired and freed the slot (now someone else's, whose record is on its
+        # way) or lost it in a restart (then nobody frees the slot): wait long enough to tell.
+        if lease_id and not _renew(client, lease_id, self.lease_s):
+            if unchanged_s < self.stale_after_s:
+                return False
+            lease_id = None
+        claim = f"{self.name}-takeover-{dead['token']}"
+        try:
+            client.create_variable(VariableCreate(name=claim, value={"at": _now(), "by_pid": os.getpid()}))
+        except ObjectAlreadyExists:
+            return False  # another waiting run takes it over
+        if (current := _read_record(client, self.name)) is None or current["token"] != dead["token"]:
+            _delete_variable(client, claim)
+            return False
+        self.record = {**_new_record(self.store, lease_id and uuid.UUID(lease_id)), "took_over": dead["token"]}
+        _write_record(client, self.name, self.record)
+        if dead.get("took_over"):  # the dead run had itself taken over: that claim is done with
+            _delete_variable(client, f"{self.name}-takeover-{dead['took_over']}")
+        self.logger.warning("store %s (%s): took over the slot of dead %s", self.store, self.name, _describe(dead))
+        return True
+
+    def _beat_loop(self) -> None:
+        """Every ``heartbeat_s``: renew the lease, and rewrite the record while it is still this run's."""
+        with get_client(sync_client=True) as client:
+            while not self.stop.wait(self.heartbeat_s):
                 try:
-                    self.beat(client)
+                    lease_id = self.record.get("lease_id")
+                    if lease_id and not self.lease_lost and not _renew(client, lease_id, self.lease_s):
+                        self.lease_lost = True
+                        self.logger.warning("store lock %s: the server no longer knows lease %s", self.name, lease_id)
+                    if (current := _read_record(client, self.name)) is None or current["token"] != self.record["token"]:
+                        self.logger.error(
+                            "store lock %s: this run's slot was taken over by %s, as its heartbeat stopped; "
+                            "two runs may now write the store",
+                            self.name,
+                            _describe(current),
+                        )
+                        return
+                    self.record = {**self.record, "heartbeat": _now(), "beats": self.record["beats"] + 1}
+                    _write_record(client, self.name, self.record)
                 except Exception as e:  # a transient API error: the next beat tries again
                     self.logger.warning("store lock %s: heartbeat failed: %r", self.name, e)
 
-    def beat(self, client) -> None:
-        lease_id = self.record.get("lease_id")
-        if lease_id and not self.lease_lost and not _renew(client, lease_id, self.lease_s):
-            self.lease_lost = True
-            self.logger.warning("store lock %s: the server no longer knows this run's lease %s", self.name, lease_id)
-        current = _read_record(client, self.name)
-        if current is None or current["token"] != self.record["token"]:
-            self.lost = _describe(current)
-            self.logger.error(
-                "store lock %s: this run's slot was taken over by %s (its heartbeat stopped for too long); "
-                "two runs may now write the store",
-                self.name,
-                self.lost,
-            )
-            return
-        self.record = {**self.record, "heartbeat": _now(), "beats": self.record["beats"] + 1}
-        _write_record(client, self.name, self.record)
-
-
-def _release(name: str, store_uri: str, record: dict[str, Any], lease_lost: bool, t0: float) -> None:
-    with get_client(sync_client=True) as client:
-        current = _read_record(client, name)
-        if current is None or current["token"] != record["token"]:
-            # Another run took the slot over: it is theirs now, and theirs to give back.
-            _run_logger().error(
-                "store %s (%s): not giving back the slot, now held by %s", store_uri, name, _describe(current)
-            )
-            return
-        _delete_variable(client, name)
-        if record.get("lease_id") and not lease_lost:
-            client.release_concurrency_slots_with_lease(uuid.UUID(record["lease_id"]))
-        else:  # no lease (taken over from a dead run), or the server lost it
-            client.release_concurrency_slots(names=[name], slots=1, occupancy_seconds=max(1.0, time.monotonic() - t0))
-        if record.get("took_over"):
-            _delete_variable(client, f"{name}-takeover-{record['took_over']}")
+    def release(self, held_s: float) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+        with get_client(sync_client=True) as client:
+            if (current := _read_record(client, self.name)) is None or current["token"] != self.record["token"]:
+                # Another run took the slot over: it is theirs now, and theirs to give back.
+                self.logger.error("store lock %s: slot not given back, now held by %s", self.name, _describe(current))
+                return
+            _delete_variable(client, self.name)
+            if self.record["lease_id"] and not self.lease_lost:
+                client.release_concurrency_slots_with_lease(uuid.UUID(self.record["lease_id"]))
+            else:  # no lease (taken over from a dead run), or the server lost it
+                client.release_concurrency_slots(names=[self.name], slots=1, occupancy_seconds=max(1.0, held_s))
+            if self.record.get("took_over"):
+                _delete_variable(client, f"{self.name}-takeover-{self.record['took_over']}")
 
 
 @contextmanager
@@ -502,22 +415,18 @@ def store_run_lock(
     be used, and ``StoreLockCancelled`` when the flow run is cancelled while it waits. Runs on
     different stores do not wait for each other.
     """
-    name = store_lock_name(store_uri)
-    ensure_store_limit(name)
-    logger = _run_logger()
-    logger.info("waiting for the retraining slot of store %s (%s)", store_uri, name)
+    lock = _StoreLock(store_uri, lease_duration_s, heartbeat_s, stale_after_s, report_every_s)
+    ensure_store_limit(lock.name)
+    lock.logger.info("waiting for the retraining slot of store %s (%s)", store_uri, lock.name)
     t0 = time.monotonic()
-    record = _acquire(name, store_uri, timeout_s, lease_duration_s, stale_after_s, report_every_s)
-    logger.info("holding the retraining slot of store %s (%s) after %.1fs", store_uri, name, time.monotonic() - t0)
-    heartbeat = _Heartbeat(name, record, heartbeat_s, lease_duration_s)
-    heartbeat.thread.start()
+    lock.acquire(timeout_s)
     t_held = time.monotonic()
+    lock.logger.info("holding the retraining slot of store %s (%s) after %.1fs", store_uri, lock.name, t_held - t0)
+    lock.thread.start()
     try:
-        yield name
+        yield lock.name
     finally:
-        heartbeat.stop.set()
-        heartbeat.thread.join(timeout=10)
-        _release(name, store_uri, heartbeat.record, heartbeat.lease_lost, t_held)
+        lock.release(time.monotonic() - t_held)
 
 
 if __name__ == "__main__":  # `python -m tasks.locks STORE`: the limit's name and the command that creates it
