@@ -13,7 +13,14 @@ from pathlib import Path
 from covid_data.store import open_store, split_object_uri
 from covid_registry.champion import history
 
-RULES = {"run_succeeded": True, "margin": 0.0, "covid_sensitivity_floor": 0.0}
+# The comparison rules alone: tests of significance and COVID non-inferiority turn those on.
+RULES = {
+    "run_succeeded": True,
+    "margin": 0.0,
+    "covid_sensitivity_floor": 0.0,
+    "require_significance": False,
+    "covid_noninferiority_margin": None,
+}
 
 
 @dataclass

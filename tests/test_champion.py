@@ -8,6 +8,7 @@ safety and the command line: tests/test_champion_history.py.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -19,7 +20,8 @@ import numpy as np
 import pytest
 
 from covid_data.store import open_store
-from covid_registry.bless import bless, candidate_record, mcnemar_exact, score_model, split_sha256
+from covid_eval.duplicates import training_images
+from covid_registry.bless import bless, candidate_record
 from covid_registry.champion import (
     CHAMPION,
     current,
@@ -28,6 +30,7 @@ from covid_registry.champion import (
     history,
     read_champion,
 )
+from covid_registry.comparison import Comparison, mcnemar_exact, score_model, split_sha256
 from tests.champion_world import RULES, history_actions
 from tests.conftest import REPO
 
@@ -46,21 +49,32 @@ def test_score_model_reproduces_the_stored_test_metrics(world):
     assert sorted(s.sha256) == sorted(test["sha256"]) and sorted(s.paths) == sorted(test["path"])
 
 
-def test_champion_is_rescored_on_the_challengers_split_without_its_training_images(world):
+def test_champion_is_rescored_on_the_challengers_split_without_the_images_it_has_seen(world):
     champ = {**candidate_record("run-a", world.champ), "test_accuracy": 1.0}  # a stored claim on another split
     chal = candidate_record("run-b", world.chal)
     b = bless(chal, champ, **{**RULES, "margin": -2.0}, cache_dir=world.cache)
     cmp = b.comparison
     assert b.blessed and b.rule == "beats_champion" and cmp is not None
 
-    # Recompute independently: both models on B's test images, minus A's training images.
-    seen = split_sha256(world.split_a, "train")
+    # Recompute independently, by brute force: both models on B's test images, minus every copy or
+    # near copy (pHash within 4 bits) of an image of A's train or validation split ("seen").
+    a = training_images(world.split_a)
+    a = a[a["split"].isin(["train", "val"])]
+    seen_sha = set(a["sha256"])
+    seen_ph = [int(h, 16) for h in a["phash"].dropna()]
+    b_rows = training_images(world.split_b).set_index("path")
     champ_s = score_model(world.champ, world.split_b, cache_dir=world.cache)
     chal_s = score_model(world.chal, world.split_b, cache_dir=world.cache)
-    keep = np.array([h not in seen for h in champ_s.sha256])
+
+    def seen(path: str, sha: str) -> bool:
+        ph = b_rows.loc[path, "phash"]
+        return sha in seen_sha or (isinstance(ph, str) and any((int(ph, 16) ^ h).bit_count() <= 4 for h in seen_ph))
+
+    keep = np.array([not seen(p, h) for p, h in zip(champ_s.paths, champ_s.sha256, strict=True)])
     assert 0 < (~keep).sum() < len(keep), "the fixture's splits should overlap partly"
+    assert set(split_sha256(world.split_a, "train")) & set(np.array(champ_s.sha256)[keep]) == set()
     assert cmp.excluded == int((~keep).sum()) and cmp.n == int(keep.sum())
-    assert set(cmp.excluded_sha256) <= seen and not set(cmp.sha256) & seen
+    assert not set(cmp.sha256) & seen_sha
     assert cmp.champion["accuracy"] == pytest.approx(champ_s.correct[keep].mean())
     assert cmp.challenger["accuracy"] == pytest.approx(chal_s.correct[keep].mean())
     assert cmp.champion["n"] == cmp.challenger["n"] == cmp.n
@@ -107,13 +121,63 @@ def test_require_significance_needs_mcnemar_p_below_alpha(world):
     assert p == mcnemar_exact(summary["only_challenger_right"], summary["only_champion_right"])
     assert summary["mcnemar_p"] == p and "McNemar" in free.reason
     strict = bless(
-        chal, champ, **{**RULES, "margin": -1.0}, cache_dir=world.cache, require_significance=True, alpha=p
+        chal, champ, **{**RULES, "margin": -1.0, "require_significance": True}, cache_dir=world.cache, alpha=p
     )  # p < alpha fails when alpha == p
     assert free.blessed and not strict.blessed and strict.rule == "not_significant"
     loose = bless(
-        chal, champ, **{**RULES, "margin": -1.0}, cache_dir=world.cache, require_significance=True, alpha=p + 1e-9
+        chal,
+        champ,
+        **{**RULES, "margin": -1.0, "require_significance": True},
+        cache_dir=world.cache,
+        alpha=p + 1e-9,
     )
     assert loose.blessed
+
+
+def test_by_default_a_win_must_be_significant_and_covid_sensitivity_non_inferior(world):
+    """The defaults (no rule overrides): luck on one test set does not promote."""
+    champ = candidate_record("run-a", world.champ)
+    chal = candidate_record("run-b", world.chal)
+    base = {"run_succeeded": True, "margin": -1.0, "covid_sensitivity_floor": 0.0}
+    default = bless(chal, champ, **base, cache_dir=world.cache)
+    p = default.comparison.mcnemar_p
+    assert p >= 0.05 and not default.blessed and default.rule == "not_significant"  # tiny models: p is large
+
+    # COVID sensitivity on the same images, paired: with no COVID image left among the few images
+    # the champion has not seen, non-inferiority cannot be shown, and nothing is promoted.
+    cmp = default.comparison
+    n_covid = int((np.asarray(cmp.labels) == 0).sum())
+    args = {**base, "require_significance": False}
+    strict = bless(chal, champ, **args, covid_noninferiority_margin=0.0, cache_dir=world.cache)
+    assert not strict.blessed and strict.rule == "covid_noninferiority"
+    if n_covid:
+        diff, lo, hi, n = cmp.covid_sensitivity_difference()
+        assert n == n_covid and lo < diff < hi and "95% CI" in strict.reason
+    else:
+        assert cmp.covid_sensitivity_difference() is None and "no COVID image is left" in strict.reason
+    off = bless(chal, champ, **args, covid_noninferiority_margin=None, cache_dir=world.cache)
+    assert off.blessed and off.rule == "beats_champion"
+
+
+def test_covid_sensitivity_difference_is_agresti_min_on_the_covid_images():
+    # 40 COVID images: 6 only the challenger gets right, 2 only the champion; 20 other images.
+    chal = [True] * 6 + [False] * 2 + [True] * 30 + [False] * 2 + [True] * 20
+    champ = [False] * 6 + [True] * 2 + [True] * 30 + [False] * 2 + [False] * 20
+    cmp = Comparison(
+        "s", 60, 0, {}, {}, 0.0, labels=[0] * 40 + [2] * 20, challenger_correct=chal, champion_correct=champ
+    )
+    diff, lo, hi, n = cmp.covid_sensitivity_difference()
+    b, c, m = 6.5, 2.5, 42.0  # half an image added to each cell
+    half = 1.959964 * math.sqrt((b + c) - (b - c) ** 2 / m) / m
+    assert (n, diff) == (40, pytest.approx(4 / 40)) and (lo, hi) == pytest.approx(
+        ((b - c) / m - half, (b - c) / m + half)
+    )
+    assert (
+        Comparison(
+            "s", 1, 0, {}, {}, 0.0, labels=[2], challenger_correct=[True], champion_correct=[True]
+        ).covid_sensitivity_difference()
+        is None
+    )
 
 
 def test_a_capped_run_never_promotes_even_on_an_empty_store(world, tmp_path):

@@ -129,7 +129,8 @@ def evaluate_and_promote(
     margin: float,
     covid_sensitivity_floor: float,
     cache_dir: str | Path | None = None,
-    require_significance: bool = False,
+    require_significance: bool = True,
+    covid_noninferiority_margin: float | None = 0.05,
 ) -> dict[str, Any]:
     """Read the champion (and its version), bless the candidate against it, decide and swap.
 
@@ -146,5 +147,6 @@ def evaluate_and_promote(
         covid_sensitivity_floor=covid_sensitivity_floor,
         cache_dir=cache_dir,
         require_significance=require_significance,
+        covid_noninferiority_margin=covid_noninferiority_margin,
     )
     return {**decide_and_promote(store, candidate, blessing, token=token), "blessing": blessing.to_dict()}
