@@ -162,7 +162,7 @@ def cached_result(cfg: TrainConfig) -> TrainResult | None:
 
 
 def _cached_result(slot: Unit, cfg: TrainConfig) -> TrainResult | None:
-    stored = slot.record()
+    stored = slot.intact_record()  # a slot whose files changed after completion is trained again
     if stored is None:
         return None
     log.info("%s is already trained at %s: nothing to do", cfg.model, slot.uri)

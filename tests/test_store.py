@@ -178,3 +178,28 @@ def test_unit_replaces_leftovers_until_complete_then_is_read_only(store_uri: str
     assert not unit.complete({"status": "again"})  # the first completion stays
     assert unit.record()["status"] == "trained"
     assert store.read_text("models/m1/model.keras") == "attempt 2"
+
+
+def test_an_attempt_does_not_complete_over_objects_another_writer_replaced(store_uri: str, tmp_path: Path):
+    """A timed-out attempt still running can overwrite model.keras: the attempt that completes checks
+    its own writes, and a unit whose objects changed after completion is incomplete again."""
+    from covid_data.store import Unit, UnitConflictError
+
+    store = open_store(store_uri)
+    mine = Unit(store, "models/slot", "metrics.json")
+    mine.put_bytes("model.keras", b"attempt 2")
+    mine.put_text("history.json", "[]")
+    store.put_bytes("models/slot/model.keras", b"attempt 1, still running", overwrite=True)  # the zombie
+    with pytest.raises(UnitConflictError, match="model.keras changed after this attempt wrote"):
+        mine.complete({"result": 2})
+    assert not mine.is_complete()
+
+    retry = Unit(store, "models/slot", "metrics.json")
+    retry.put_bytes("model.keras", b"attempt 3")
+    assert retry.complete({"result": 3}) and retry.intact_record()["result"] == 3
+    store.put_bytes("models/slot/model.keras", b"late zombie write", overwrite=True)
+    assert retry.verify() == ["model.keras"]
+    assert retry.intact_record() is None and not retry.is_complete()  # incomplete: the next attempt replaces it
+    again = Unit(store, "models/slot", "metrics.json")
+    again.put_bytes("model.keras", b"attempt 4")
+    assert again.complete({"result": 4}) and again.intact_record()["result"] == 4

@@ -33,6 +33,7 @@ from covid_data.store.base import (
     StoreError,
     StoreUnavailableError,
     UnitCompleteError,
+    UnitConflictError,
     md5_bytes,
     md5_file,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "StoreUnavailableError",
     "Unit",
     "UnitCompleteError",
+    "UnitConflictError",
     "as_store",
     "md5_bytes",
     "md5_file",

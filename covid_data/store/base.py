@@ -33,6 +33,10 @@ class UnitCompleteError(StoreError):
     """Raised instead of writing into a unit whose completion marker exists."""
 
 
+class UnitConflictError(StoreError):
+    """An object this attempt wrote into a unit was replaced by another writer before completion."""
+
+
 def fault_hook() -> None:
     """Count this store write; SIGKILL this process if it is the N-th (see the module docstring)."""
     limit = os.environ.get("COVID_FAULT_KILL_AFTER")

@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from covid_data.store.base import PutResult, UnitCompleteError, fault_hook
+from covid_data.store.base import PutResult, UnitCompleteError, UnitConflictError, fault_hook, md5_bytes, md5_file
 
 if TYPE_CHECKING:
     from covid_data.store.interface import Store
+
+log = logging.getLogger(__name__)
 
 
 class Unit:
     """A folder of objects that one marker, written last, declares complete.
 
     Until the marker exists, writes replace whatever an interrupted attempt left; once it
-    exists, the unit is read-only. The marker records the checksum of every object, so a reader
-    can tell that the objects are the ones that were completed.
+    exists, the unit is read-only. A ``Unit`` object is one attempt: it remembers the checksum of
+    each object it wrote, and completes only while they are all still there as it wrote them (a
+    timed-out attempt that still runs can otherwise overwrite a file under another attempt's
+    marker). The marker records the checksum of every object, so a reader can tell that the
+    objects are the ones that were completed (:meth:`intact_record`).
     """
 
     def __init__(self, store: Store, prefix: str, marker: str = "_COMPLETE.json"):
         self.store, self.prefix, self.marker = store, prefix.strip("/"), marker
+        self.written: dict[str, str] = {}  # this attempt's writes: name -> md5
 
     @property
     def uri(self) -> str:
@@ -53,10 +60,12 @@ class Unit:
 
     def put_file(self, name: str, path: Path) -> PutResult:
         self._check_open(name)
+        self.written[name] = md5_file(Path(path))
         return self.store.put_file(self.key(name), path, overwrite=True)
 
     def put_bytes(self, name: str, data: bytes) -> PutResult:
         self._check_open(name)
+        self.written[name] = md5_bytes(data)
         return self.store.put_bytes(self.key(name), data, overwrite=True)
 
     def put_text(self, name: str, text: str) -> PutResult:
@@ -68,18 +77,26 @@ class Unit:
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         for f in files:
             rel = name if f == path else f"{name}/{f.relative_to(path).as_posix()}"
+            self.written[rel] = md5_file(f)
             self.store.put_file(self.key(rel), f, overwrite=True)
 
     def complete(self, record: dict) -> bool:
         """Write the marker (create-only) with ``record`` plus the checksums of the unit's objects.
 
         False when another attempt completed the unit first: its marker, and its objects, stay.
+        :class:`UnitConflictError` when an object this attempt wrote has been replaced since.
         """
         sums = {
             k[len(self.prefix) + 1 :] if self.prefix else k: v
             for k, v in self.store.checksums(self._folder).items()
             if k != self.key(self.marker)
         }
+        changed = sorted(name for name, md5 in self.written.items() if sums.get(name) != md5)
+        if changed:
+            raise UnitConflictError(
+                f"{self.uri}: {', '.join(changed)} changed after this attempt wrote them (another attempt still "
+                "writing?); not completed"
+            )
         doc = {**record, "objects": dict(sorted(sums.items()))}
         with tempfile.NamedTemporaryFile(prefix="store-marker-", delete=False) as tmp:
             tmp.write(json.dumps(doc, indent=2, sort_keys=True, default=str).encode())
@@ -90,6 +107,19 @@ class Unit:
         if written:
             fault_hook()
         return written
+
+    def intact_record(self) -> dict | None:
+        """The marker's content when every object it lists is still as completed; else None, and
+        the unit is incomplete again (its stale marker removed, so the next attempt replaces it)."""
+        rec = self.record()
+        if rec is None:
+            return None
+        bad = self.verify()
+        if not bad:
+            return rec
+        log.warning("%s: %s changed after the unit was completed; treating it as incomplete", self.uri, bad)
+        self.store.delete(self.key(self.marker))
+        return None
 
     def verify(self) -> list[str]:
         """Objects of a complete unit whose checksum differs from the marker's (empty: intact)."""
