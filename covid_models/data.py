@@ -5,12 +5,14 @@ read -> decode PNG/JPEG -> grayscale/RGB -> resize -> cache -> shuffle (train) -
 
 Images are read straight from a local store, or staged once from ``gs://`` into a local cache.
 The decoded, resized images are cached on disk (as uint8, 4x smaller than float32) under a
-key of split hash, split name, size and channels, so a second model or run at the same size
-skips decoding.
+key of split hash, split name, size, channels and this module's fingerprint (so pixels made by
+other decoding code are never reused), and a second model or run at the same size skips decoding.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
 import time
@@ -87,8 +89,15 @@ def global_batch_size(replicas: int = 1, per_replica: int = PER_REPLICA_BATCH) -
     return per_replica * max(1, replicas)
 
 
+@functools.cache
+def pipeline_version() -> str:
+    """A fingerprint of this module, which decodes and resizes: cached pixels made by other code
+    (the JPEG decoder's ``dct_method`` once changed) are never reused."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
+
+
 def cache_path(cache_dir: Path, split_hash: str, split: str, size: int, channels: int) -> str:
-    d = Path(cache_dir) / "tfdata" / f"{split_hash}-{size}px-{channels}ch"
+    d = Path(cache_dir) / "tfdata" / f"{split_hash}-{size}px-{channels}ch-{pipeline_version()}"
     d.mkdir(parents=True, exist_ok=True)
     return str(d / split)
 

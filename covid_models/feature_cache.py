@@ -1,9 +1,9 @@
 """Backbone features cached on disk, for training a head on a frozen transfer backbone.
 
 The backbone runs once over a split's images; every epoch of the head then reads the cached
-outputs. The cache is keyed by split, model, input size, channels and the weights actually
-loaded, and written atomically under a name unique to the writer, so two processes computing
-the same features never corrupt each other's file.
+outputs. The cache is keyed by split, model, input size, channels, the weights actually
+loaded and the training code's fingerprint, and written atomically under a name unique to the
+writer, so two processes computing the same features never corrupt each other's file.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from covid_models.data import SplitData, image_dataset
-from covid_models.train_config import TrainConfig, resolve_weights
+from covid_models.train_config import TrainConfig, code_version, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,10 @@ def weights_fingerprint(cfg: TrainConfig) -> str:
 
 
 def feature_path(cache: Path, data: SplitData, cfg: TrainConfig, split: str) -> Path:
-    key = f"{data.split_hash}-{cfg.model}-{cfg.input_size}px-{cfg.channels}ch-{weights_fingerprint(cfg)}"
+    # code_version: the pixels (data.py) and the backbone (builders.py) that made the features
+    key = (
+        f"{data.split_hash}-{cfg.model}-{cfg.input_size}px-{cfg.channels}ch-{weights_fingerprint(cfg)}-{code_version()}"
+    )
     return cache / "features" / key / f"{split}.npy"
 
 

@@ -10,6 +10,7 @@ trained under the old ones.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from dataclasses import asdict, dataclass, fields
 from functools import cache
@@ -28,7 +29,7 @@ _TRAINING_CODE = (
     "builders.py",
     "checkpoints.py",
     "data.py",
-    "evaluate.py",
+    "metrics.py",
     "feature_cache.py",
     "train.py",
     "train_config.py",
@@ -158,6 +159,13 @@ def code_version() -> str:
     return h.hexdigest()[:12]
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def training_identity(cfg: TrainConfig) -> dict[str, Any]:
     """Everything that decides what a training produces (hashed into the slot key)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_TRAINING}
@@ -167,6 +175,8 @@ def training_identity(cfg: TrainConfig) -> dict[str, Any]:
         "settings": settings,
         "weights": {"kind": weights["kind"], "sha256": weights["sha256"]},
         "code": code_version(),
+        # The same code on another TensorFlow or Keras can train differently (kernels, defaults).
+        "runtime": {name: _version(name) for name in ("tensorflow", "keras")},
     }
 
 

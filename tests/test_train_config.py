@@ -77,3 +77,31 @@ def test_every_training_flag_has_help():
     )
     text = " ".join(out.stdout.split())  # argparse wraps lines
     assert out.returncode == 0 and "--fine-tune-layers" in text and "top N backbone layers" in text
+
+
+def test_key_follows_the_tensorflow_and_keras_versions(monkeypatch):
+    import importlib.metadata
+
+    cfg = TrainConfig(model="custom_cnn", split="s", out="o")
+    assert training_identity(cfg)["runtime"] == {
+        "tensorflow": importlib.metadata.version("tensorflow"),
+        "keras": importlib.metadata.version("keras"),
+    }
+    before = slot_key(cfg)
+    monkeypatch.setattr(train_config, "_version", lambda name: "0.0-other")
+    assert slot_key(cfg) != before
+
+
+def test_cached_pixels_and_features_are_keyed_on_the_code_that_made_them(tmp_path, monkeypatch):
+    import hashlib
+
+    from covid_models import data, feature_cache
+
+    own = hashlib.sha256(Path(data.__file__).read_bytes()).hexdigest()[:10]
+    assert data.pipeline_version() == own
+    assert Path(data.cache_path(tmp_path, "h", "train", 224, 1)).parent.name == f"h-224px-1ch-{own}"
+    split = data.SplitData("h", "v", tmp_path, {})
+    cfg = TrainConfig(model="custom_cnn", split="s", out="o", weights="none")
+    first = feature_cache.feature_path(tmp_path, split, cfg, "train")
+    monkeypatch.setattr(feature_cache, "code_version", lambda: "changed-code")
+    assert feature_cache.feature_path(tmp_path, split, cfg, "train") != first
