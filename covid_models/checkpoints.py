@@ -3,9 +3,10 @@
 Keras' ``BackupAndRestore`` keeps its files in the model's slot when the store is local, else in
 a local folder mirrored to the store after every epoch (so another machine can resume). The
 epoch log lives beside them. Keras removes its checkpoint when a phase's ``fit`` ends (a resumed
-phase would otherwise restart early stopping from the last, not the best, weights); the epoch log
-and the mirror are removed only after the model's completion marker is written. A kill between
-the end of training and that marker therefore costs a retraining, never an error.
+phase would otherwise restart early stopping from the last, not the best, weights), so each phase
+keeps its final weights (``finished.weights.h5``) once ``fit`` returns: a kill during fine-tuning
+resumes fine-tuning, not the head phase. The epoch log, the finished weights and the mirror are
+removed only after the model's completion marker is written.
 """
 
 from __future__ import annotations
@@ -99,6 +100,28 @@ class Checkpoints:
 
             cbs.append(Mirror())
         return cbs
+
+    # -- a finished phase is kept: a kill in the next phase does not train this one again --------
+    @property
+    def _finished_file(self) -> Path:
+        return self.dir / "finished.weights.h5"
+
+    def finished(self) -> bool:
+        return self._finished_file.is_file()
+
+    def mark_finished(self, model) -> None:
+        """Keep the phase's final weights (Keras' own backup is gone once ``fit`` returns)."""
+        tmp = self.dir / "finishing.weights.h5"
+        model.save_weights(tmp)
+        tmp.replace(self._finished_file)  # atomic: a kill leaves the whole file or none
+        if self.mirrored:
+            key = f"{self.prefix}/{self._finished_file.name}"
+            self.out.put_file(key, self._finished_file, overwrite=True)  # scratch, like the backups
+        log.info("phase %s finished; its weights are kept until the model is complete", self.prefix)
+
+    def restore_finished(self, model) -> None:
+        model.load_weights(self._finished_file)
+        log.info("phase %s had finished before a restart: its weights are restored, not trained again", self.prefix)
 
     @property
     def history(self) -> list[dict[str, float]]:

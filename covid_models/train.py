@@ -218,8 +218,13 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     backup = Checkpoints(out, "main", cache)
     scratch = [backup]
     feature_seconds = 0.0
-    if use_features:
+    probs = None
+    if backup.finished():
+        with choice.strategy.scope():
+            backup.restore_finished(model)
+    elif use_features:
         probs, feature_seconds = _train_head_on_features(model, cfg, data, cache, batch, backup)
+        backup.mark_finished(model)
     else:
         with choice.strategy.scope():
             _train_on_images(
@@ -233,23 +238,27 @@ def train_model(cfg: TrainConfig) -> TrainResult:
                 lr=cfg.learning_rate,
                 augment=augment if cfg.augment else None,
             )
-        probs = None
+        backup.mark_finished(model)
     history = backup.history
     if is_transfer(cfg.model) and cfg.fine_tune_layers > 0 and cfg.fine_tune_epochs > 0:
         ft_backup = Checkpoints(out, "fine-tune", cache)
         with choice.strategy.scope():
             set_trainable(model.get_layer("backbone"), cfg.fine_tune_layers)
-            _train_on_images(
-                model,
-                cfg,
-                data,
-                cache,
-                batch,
-                ft_backup,
-                epochs=cfg.fine_tune_epochs,
-                lr=cfg.fine_tune_learning_rate,
-                augment=augment,
-            )
+            if ft_backup.finished():
+                ft_backup.restore_finished(model)
+            else:
+                _train_on_images(
+                    model,
+                    cfg,
+                    data,
+                    cache,
+                    batch,
+                    ft_backup,
+                    epochs=cfg.fine_tune_epochs,
+                    lr=cfg.fine_tune_learning_rate,
+                    augment=augment,
+                )
+                ft_backup.mark_finished(model)
         history += [{**h, "epoch": h["epoch"] + len(history), "phase": "fine-tune"} for h in ft_backup.history]
         probs = None
         scratch.append(ft_backup)

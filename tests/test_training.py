@@ -179,3 +179,43 @@ def test_a_killed_training_resumes_where_it_stopped(small_split, tmp_path):
     assert first_epoch > 1
     epochs = [h["epoch"] for h in json.loads((out / "history.json").read_text())]
     assert epochs == list(range(40))
+
+
+@pytest.mark.slow
+def test_a_kill_during_fine_tuning_keeps_the_finished_head_phase(small_split, tmp_path):
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    cmd = [
+        *_train_cmd(small_split, out, cache, 2)[:4],
+        "mobilenet_v2",
+        *_train_cmd(small_split, out, cache, 2)[5:],
+        "--weights",
+        "scratch",
+        "--fine-tune-layers",
+        "20",
+        "--fine-tune-epochs",
+        "8",
+    ]
+    cmd[cmd.index("--input-size") + 1] = "32"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "first.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=f)
+    ft_history = out / "backup" / "fine-tune" / "history.csv"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ft_history.exists() and len(ft_history.read_text().splitlines()) >= 3:  # header + 2 epochs
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "training finished before it could be killed:\n" + log.read_text()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "backup" / "main" / "finished.weights.h5").is_file()
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    text = second.stdout + second.stderr
+    assert second.returncode == 0, text[-3000:]
+    assert "phase backup/main had finished before a restart" in text
+    assert "Epoch 1/2" not in text  # the head phase is not trained again
+    history = json.loads((out / "history.json").read_text())
+    assert [h.get("phase", "main") for h in history] == ["main"] * 2 + ["fine-tune"] * 8
+    assert not (out / "backup").exists()  # kept phases go once the model is complete
