@@ -73,9 +73,11 @@ def run_preset(preset: str, keep: bool, stand_in: bool = False) -> dict:
         os.environ["COVID_WEIGHTS_DIR"] = str(folder)
     from covid_eval.leaderboard import to_markdown
     from flows.retrain import retrain
+    from flows.retrain_params import DataParams, TrainingParams
 
     t0 = time.perf_counter()
-    out = retrain(source=str(SHARED_SAMPLE), store=str(base / "store"), preset=preset, profile="shared-sample")
+    data = DataParams(source=str(SHARED_SAMPLE), profile="shared-sample")
+    out = retrain(store=str(base / "store"), data=data, training=TrainingParams(preset=preset))
     wall = time.perf_counter() - t0
     import pandas as pd
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from prefect import get_run_logger, task
+from prefect import Flow, get_run_logger, task
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Cancelled, Cancelling, Completed, State
@@ -36,7 +36,17 @@ from covid_models.runner import kill_all_trainings
 from covid_models.train import TrainConfig, cached_result
 from tasks.training import train_model
 
-__all__ = ["train_models", "reuse_model", "failed_record"]
+__all__ = ["train_models", "reuse_model", "failed_record", "on_dask"]
+
+
+def on_dask(flow: Flow, address: str | None) -> Flow:
+    """``flow`` with a Dask task runner on the cluster at ``address`` (prefect-dask); unchanged
+    without an address."""
+    if not address:
+        return flow
+    from prefect_dask import DaskTaskRunner
+
+    return flow.with_options(task_runner=DaskTaskRunner(address=address))
 
 
 def failed_record(cfg: dict[str, Any], error: str) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Tasks of the model half around training: configure, rank, export.
 
 Thin wrappers over covid_models; between tasks only configs, store URIs and small records
-travel, never model objects.
+travel, never model objects. The plain functions after the tasks are the retrain flow's steps
+between them: which models are the top ones, exporting them in turn, the external evaluations,
+and the columns added to the leaderboard after ranking.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from prefect.artifacts import create_table_artifact
 
 from covid_eval.calibration import ensure_calibration
 from covid_eval.leaderboard import leaderboard, to_markdown
+from covid_models.describe import describe_weights
+from covid_models.ensemble import build_and_evaluate, ensemble_slot_uri
 from covid_models.presets import Preset, plan_models
 from covid_models.stored import model_slot
 from covid_registry.exports import ensure_exports, wanted_variants
-from covid_registry.model_card import describe_weights
+from tasks.evaluation import evaluate_external
 from tasks.logs import task_logger
+
+TOP_N = 3  # models exported, explained and shipped in the app
 
 
 @task(name="configure-models")
@@ -44,8 +50,6 @@ def build_ensemble(
     """The averaged ensemble of the ``size`` best trained models by validation accuracy (each
     calibrated on validation first), as one more record for the leaderboard; None when fewer than
     two models trained."""
-    from covid_models.ensemble import build_and_evaluate, ensemble_slot_uri
-
     trained = [r for r in records if r.get("status") in ("trained", "cached") and r.get("val_accuracy") is not None]
     trained.sort(key=lambda r: -float(r["val_accuracy"]))
     picked = trained[:size]
@@ -117,3 +121,72 @@ def _weights_desc(record: dict[str, Any]) -> str:
     stored = model_slot(record["out"]).record() or {}
     cfg = stored.get("config") or {}
     return describe_weights(record["model"], cfg, stored.get("weights")) if cfg else ""
+
+
+# -- the retrain flow's steps around these tasks -------------------------------------------------
+def with_ensemble(
+    records: list[dict[str, Any]], ensemble: dict[str, Any] | None, skipped: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
+    """(every record: trained, the ensemble, skipped with the reason; how many top models the run
+    needs: :data:`TOP_N`, or fewer when fewer candidates were configured)."""
+    extra = [ensemble] if ensemble else []
+    return [*records, *extra, *skipped], min(TOP_N, len(records) + len(extra))
+
+
+def top_models(rows: list[dict[str, Any]], records: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """The records of the first ``n`` leaderboard rows that trained (or were reused)."""
+    by_model = {r["model"]: r for r in records}
+    return [by_model[r["model"]] for r in rows if r["status"] in ("trained", "cached")][:n]
+
+
+def export_models(
+    top: list[dict[str, Any]], split_uri: str, int8: bool, max_per_class: int | None
+) -> list[dict[str, Any]]:
+    """One export task per top model, in turn (conversions are memory-hungry); a failed export is
+    logged and left out, and the run then cannot promote."""
+    exports = []
+    for r in top:
+        state = export_model(r, split_uri, int8, max_per_class, return_state=True)
+        if state.is_completed():
+            exports.append(state.result())
+        else:
+            get_run_logger().error("export of %s failed: %s", r["model"], state.message)
+    return exports
+
+
+def external_evaluations(
+    records: list[dict[str, Any]], sources: list[str] | None, store: str, kaggle_secret_block: str | None
+) -> dict[str, list[dict[str, Any]]]:
+    """``{model: [evaluation summary per source]}`` for every model that trained (each evaluation is
+    stored once under ``evaluations/`` and reused by later runs)."""
+    return {
+        r["model"]: [
+            evaluate_external(r["out"], src, store, kaggle_secret_block=kaggle_secret_block) for src in sources or []
+        ]
+        for r in records
+        if r["status"] in ("trained", "cached")
+    }
+
+
+def external_columns(externals: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One column group per external set: ``ext<i>_accuracy``, ``ext<i>_covid_sensitivity``, ``ext<i>_n``."""
+    cols: dict[str, dict[str, Any]] = {}
+    for model, evals in externals.items():
+        for i, e in enumerate(evals, start=1):
+            cols.setdefault(model, {}).update(
+                {
+                    f"ext{i}_accuracy": e.get("accuracy"),
+                    f"ext{i}_covid_sensitivity": e.get("covid_sensitivity"),
+                    f"ext{i}_n": e.get("n"),
+                }
+            )
+    return cols
+
+
+def shortcut_columns(explain: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """The shortcut score beside what a uniform map scores (see covid_eval.gradcam)."""
+    return {
+        x["model"]: {"shortcut (uniform)": f"{x['shortcut_score']:.2f} ({x['baseline']:.2f})"}
+        for x in explain or []
+        if x.get("shortcut_score") is not None
+    }

@@ -1,21 +1,25 @@
 """Tasks that judge and publish a run: bless (re-score the champion), the run folder, promotion.
 
-Thin wrappers over covid_registry.bless, covid_registry.champion and covid_registry.run_folder.
+Thin wrappers over covid_registry.bless, covid_registry.champion and covid_registry.run_folder;
+then the retrain flow's run bookkeeping: its run id, the per-stage clock, the app bundle's record
+and the checks that fail a run after it is published.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger, runtime, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from covid_data.store import open_store
 from covid_registry import champion as registry
-from covid_registry.bless import bless
+from covid_registry.bless import bless, external_gate
 from covid_registry.run_folder import complete_run, report_markdown, write_run_folder
+from tasks.app import build_app
 
 
 def _plain(obj: Any) -> Any:
@@ -31,9 +35,13 @@ def bless_challenger(
     margin: float,
     floor: float,
     require_significance: bool = False,
+    externals: dict[str, list[dict[str, Any]]] | None = None,
+    external_floor: float | None = None,
 ) -> dict[str, Any] | None:
     """Score the current champion's stored model on the challenger's test split and decide,
-    on the same images, whether the challenger earns promotion (TFX's Evaluator)."""
+    on the same images, whether the challenger earns promotion (TFX's Evaluator); with
+    ``external_floor``, the challenger's accuracy on every external set (``externals``, per model)
+    must reach it too."""
     if challenger is None:
         return None
     current = registry.current(open_store(store))
@@ -47,6 +55,7 @@ def bless_challenger(
             require_significance=require_significance,
         )
     )
+    blessing = external_gate(blessing, (externals or {}).get(challenger["model"], []), external_floor)
     get_run_logger().info("bless: %s", blessing["reason"])
     return blessing
 
@@ -144,3 +153,60 @@ def finish_run(
         uri = s.uri_for(f"runs/{run_id}/exports/{e['model']}/{pkg}")
         create_link_artifact(uri, link_text=pkg, description=f"Core ML package of {e['model']}")
     return stored
+
+
+# -- the retrain flow's run bookkeeping ------------------------------------------------------------
+def run_id() -> str:
+    """Stable across retries of one flow run (its scheduled start and id), so a retried run
+    completes its own folder instead of leaving a second one."""
+    start = runtime.flow_run.scheduled_start_time or datetime.now(UTC)
+    return f"{start:%Y%m%dT%H%M%SZ}-{str(runtime.flow_run.id or 'local')[:8]}"
+
+
+class StageClock:
+    """Seconds per stage, each lap measured from the previous one (``run.json``'s ``seconds``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._clock, 1)
+        self._clock = now
+
+
+def trained_all(records: list[dict[str, Any]]) -> bool:
+    """Every configured model trained or was reused (a model skipped for want of its weights file counts)."""
+    return all(r["status"] in ("trained", "cached", "skipped") for r in records)
+
+
+def app_bundle(
+    store: str, run_id: str, dataset: dict[str, Any], exports: list[dict[str, Any]], explain: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The app-bundle task's record, or ``{"status": "failed", "reason"}`` when the task failed (the
+    run is completed first, then fails: see :func:`check_run`)."""
+    state = build_app(store, run_id, dataset, exports, explain, return_state=True)
+    return state.result() if state.is_completed() else {"status": "failed", "reason": state.message}
+
+
+def check_run(
+    top: list[dict[str, Any]],
+    needed: int,
+    records: list[dict[str, Any]],
+    exports: list[dict[str, Any]],
+    app: dict[str, Any],
+) -> None:
+    """Fail the (already completed) run when fewer models trained than the top models it needs, an
+    export failed, or the app bundle failed."""
+    if len(top) < needed:
+        failures = [(r["model"], str(r.get("error"))[:200]) for r in records if r["status"] == "failed"]
+        candidates = sum(r["status"] != "skipped" for r in records)
+        raise RuntimeError(
+            f"only {len(top)} of {candidates} models trained; {needed} are needed for the "
+            f"top three. Failures: {failures}"
+        )
+    if len(exports) != len(top):
+        raise RuntimeError(f"exports failed for {sorted({r['model'] for r in top} - {e['model'] for e in exports})}")
+    if app["status"] == "failed":
+        raise RuntimeError(f"the app bundle failed: {app['reason']}")

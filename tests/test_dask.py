@@ -6,7 +6,6 @@ trained there, not in the flow's process, is the count of tasks each worker repo
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -79,17 +78,14 @@ def test_train_models_runs_the_trainings_on_dask_workers(prefect_server, cluster
 
 def test_retrain_smoke_preset_on_a_dask_cluster(prefect_server, cluster, tmp_path):
     from flows.retrain import retrain
+    from flows.retrain_params import DataParams, TrainingParams
 
-    if "dask_address" not in inspect.signature(retrain.fn).parameters:
-        pytest.skip("flows.retrain.retrain has no dask_address parameter yet")
     source = make_kaggle_folder(tmp_path / "src", n_per_class=30, seed=71)
     before = _executed(cluster)
     state = retrain(
-        source=str(source),
         store=str(tmp_path / "store"),
-        preset="smoke",
-        profile="any",
-        dask_address=cluster.scheduler_address,
+        data=DataParams(source=str(source), profile="any"),
+        training=TrainingParams(preset="smoke", dask_address=cluster.scheduler_address),
         return_state=True,
     )
     assert state.is_completed(), state.message

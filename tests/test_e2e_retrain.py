@@ -47,9 +47,15 @@ def _labels(package: Path) -> list[str]:
     return _classify_labels(ct.models.MLModel(str(package), skip_model_load=True).get_spec())
 
 
-def _smoke_params(source: Path, store: str) -> dict:
-    # The smoke models (one epoch on a sample) are weak: a zero floor lets the champion rules run.
-    return {"source": str(source), "store": store, "preset": "smoke", "profile": "any", "covid_sensitivity_floor": 0.0}
+def _smoke_params(source: Path, store: str, **training) -> dict:
+    """The flow's parameter groups as JSON; each group replaces the deployment's (prefect.yaml)."""
+    return {
+        "store": store,
+        "data": {"source": str(source), "profile": "any"},
+        "training": {"preset": "smoke", **training},
+        # The smoke models (one epoch on a sample) are weak: a zero floor lets the champion rules run.
+        "promotion": {"covid_sensitivity_floor": 0.0},
+    }
 
 
 def _smoke_sized(model: str) -> dict:
@@ -62,14 +68,10 @@ def _promotable_params(source: Path, store: str, ensemble: int = 0) -> dict:
     """Smoke-sized training under the cpu preset: its test set is not capped, so it may promote
     (a smoke run never can). ``ensemble``: the preset's averaged ensemble (0: none)."""
     models = ["custom_cnn", "mobilenet_v2", "vgg16"]
+    training = {"models": models, "overrides": {m: _smoke_sized(m) for m in models}, "max_parallel": 2}
     return {
-        "ensemble": ensemble,
-        **_smoke_params(source, store),
-        "preset": "cpu",
-        "models": models,
-        "overrides": {m: _smoke_sized(m) for m in models},
-        "int8": False,
-        "max_parallel": 2,
+        **_smoke_params(source, store, **training, preset="cpu", ensemble=ensemble),
+        "publishing": {"int8": False},
     }
 
 
@@ -151,7 +153,7 @@ def test_retrain_fans_out_to_the_train_model_deployment(prefect_cli, tmp_path):
     cli.run("--no-prompt", "deploy", "--name", "local")  # the train-model deployment
     source = make_kaggle_folder(tmp_path / "src", n_per_class=30, seed=63)
     store = str(tmp_path / "store")
-    params = {**_smoke_params(source, store), "train_deployment": "train-model/local"}
+    params = _smoke_params(source, store, train_deployment="train-model/local")
     flow_run_id = _run(cli, params)
     out = _check_run(cli, store, flow_run_id, tmp_path)
     assert {r["status"] for r in out["board"]} == {"trained"}

@@ -7,7 +7,8 @@ import inspect
 import pytest
 
 import flows.retrain as module
-from flows.retrain import default_profile, retrain
+from flows.retrain import retrain
+from flows.retrain_params import GROUPS, cli_parser, default_profile
 
 
 def test_every_retrain_parameter_is_a_cli_option(monkeypatch):
@@ -17,10 +18,13 @@ def test_every_retrain_parameter_is_a_cli_option(monkeypatch):
         ["--preset", "smoke", "--split", "0.8,0.2,0", "--overrides", '{"vgg16": {"epochs": 2}}', "--no-int8"]
         + ["--kaggle-secret-block", ""]
     )
-    params = set(inspect.signature(retrain.fn).parameters)
-    assert set(seen) == params, f"not on the CLI: {params - set(seen)}"
-    assert seen["split"] == (0.8, 0.2, 0.0) and seen["overrides"] == {"vgg16": {"epochs": 2}}
-    assert seen["int8"] is False and seen["kaggle_secret_block"] is None
+    assert set(seen) == set(inspect.signature(retrain.fn).parameters)  # store and the four groups
+    options = {a.dest for a in cli_parser()._actions}
+    for group, model in GROUPS.items():
+        assert set(model.model_fields) <= options, f"not on the CLI: {group} {set(model.model_fields) - options}"
+    data, training = seen["data"], seen["training"]
+    assert data.split == (0.8, 0.2, 0.0) and training.overrides == {"vgg16": {"epochs": 2}}
+    assert seen["publishing"].int8 is False and data.kaggle_secret_block is None
 
 
 def test_profile_defaults_follow_the_source():

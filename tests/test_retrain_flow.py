@@ -10,6 +10,7 @@ import pytest
 from covid_data.store import open_store
 from covid_eval.leaderboard import leaderboard
 from flows.retrain import retrain
+from flows.retrain_params import DataParams, TrainingParams
 from tests.conftest import SHARED, make_kaggle_folder
 
 pytestmark = pytest.mark.slow
@@ -26,7 +27,8 @@ def test_smoke_retrain_ranks_survives_a_failed_model_and_reuses(prefect_server, 
     store = str(tmp_path / "store")
     # inception_v3 cannot take the smoke preset's 64px: its training fails, the other three go on.
     models = ["custom_cnn", "mobilenet_v2", "vgg16", "inception_v3"]
-    out = retrain(source=str(source), store=store, preset="smoke", profile="any", models=models)
+    data, training = DataParams(source=str(source), profile="any"), TrainingParams(preset="smoke", models=models)
+    out = retrain(store=store, data=data, training=training)
     s = open_store(store)
     run = f"runs/{out['run_id']}"
     out_data = json.loads(s.read_text(f"{run}/run.json"))["dataset"]
@@ -59,7 +61,7 @@ def test_smoke_retrain_ranks_survives_a_failed_model_and_reuses(prefect_server, 
     assert not s.exists("champion.json")  # a partly failed (and capped) run never promotes
     assert len(s.list("champion/history")) == 1  # but the decision is recorded
 
-    again = retrain(source=str(source), store=store, preset="smoke", profile="any", models=models)
+    again = retrain(store=store, data=data, training=training)
     assert again["run_id"] != out["run_id"]
     status = {r["model"]: r["status"] for r in again["leaderboard"]}
     assert status == {"custom_cnn": "cached", "mobilenet_v2": "cached", "vgg16": "cached", "inception_v3": "failed"}
@@ -70,11 +72,9 @@ def test_run_fails_when_too_few_models_succeed(prefect_server, tmp_path, monkeyp
     monkeypatch.setenv("COVID_CACHE_DIR", str(tmp_path / "cache"))
     source = make_kaggle_folder(tmp_path / "src", n_per_class=10, seed=53)
     state = retrain(
-        source=str(source),
         store=str(tmp_path / "store"),
-        preset="smoke",
-        profile="any",
-        models=["inception_v3"],
+        data={"source": str(source), "profile": "any"},  # as a deployment run passes them: JSON objects
+        training={"preset": "smoke", "models": ["inception_v3"]},
         return_state=True,
     )
     assert state.is_failed()

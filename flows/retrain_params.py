@@ -1,0 +1,217 @@
+"""The ``retrain`` flow's parameters, grouped, and its command line.
+
+``retrain(store, data, training, promotion, publishing)``: the store every stage reads and writes, and
+four pydantic models. Prefect renders each model as a nested form in the UI's custom-run dialog and
+validates it (an unknown model name, preset or profile, split ratios that do not sum to 1, a misspelt
+field: the run is refused before anything runs). A field left at ``None`` takes the preset's value;
+:func:`run_preset` and the models' methods resolve them, so the flow body holds no policy arithmetic.
+
+From a deployment, each group is one JSON value, and a group given at run time replaces the
+deployment's whole group (unnamed fields take their defaults)::
+
+    prefect deployment run 'retrain/adhoc' -p training='{"preset": "smoke"}' \\
+        -p data='{"source": "../shared/data/covid19-radiography-sample", "profile": "shared-sample"}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from covid_data.split import SplitConfig
+from covid_data.validation import PROFILES
+from covid_models.builders import MODEL_NAMES
+from covid_models.presets import PRESETS, Preset, get_preset
+from flows.prepare_data import DEFAULT_SOURCE, DEFAULT_STORE, add_data_arguments, data_settings
+from tasks.credentials import DEFAULT_SECRET_BLOCK
+
+# Names as enums: the UI offers them as choices, and the server refuses a run that names another.
+ModelName = Literal[MODEL_NAMES]
+PresetName = Literal[tuple(sorted(PRESETS))]
+ProfileName = Literal[tuple(PROFILES)]
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+class DataParams(_Params):
+    """Where the images come from and how prepare-data checks and splits them."""
+
+    source: str = DEFAULT_SOURCE
+    """kaggle[:owner/slug], a folder, a .zip or a store prefix"""
+    profile: ProfileName | None = None
+    """validation profile: kaggle, shared-sample or any (default: kaggle for Kaggle sources, else any)"""
+    split: tuple[float, float, float] | None = None
+    """train, val, test ratios (default: the preset's; the paper's exact 80/20 is 0.8,0.2,0 and cannot promote)"""
+    seed: int = SplitConfig.seed
+    """seed of the split"""
+    image_size: int | None = 299
+    """expected width and height in pixels (none: don't check)"""
+    size_mismatch: Literal["warn", "fail"] = "fail"
+    """what an image of another size does"""
+    unreadable: Literal["exclude", "fail"] = "exclude"
+    """undecodable files: leave them out (up to 1%) or fail validation"""
+    near_dup_distance: int = Field(SplitConfig.near_dup_distance, ge=0, le=64)
+    """images whose 64-bit pHashes differ in at most this many bits share a split group (0: exact copies only)"""
+    max_group_share: float = Field(SplitConfig.max_group_share, ge=0, le=1)
+    """a near-duplicate group larger than this share of the images is regrouped at tighter distances (1: no bound)"""
+    kaggle_secret_block: str | None = DEFAULT_SECRET_BLOCK
+    """Prefect Secret block with Kaggle credentials, used when the client finds none (none: never)"""
+
+    @field_validator("split")
+    @classmethod
+    def _ratios_sum_to_one(cls, split: tuple[float, float, float] | None) -> tuple[float, float, float] | None:
+        if split is not None:
+            SplitConfig(*split)  # non-negative, summing to 1, a positive train share: as the split checks them
+        return split
+
+    def prepare_kwargs(self, preset: Preset) -> dict[str, Any]:
+        """The prepare-data subflow's parameters: the split is the preset's (the run's ``split`` is
+        already in it), the profile follows the source unless one is named."""
+        train, val, test = preset.split
+        kw = self.model_dump(exclude={"split", "profile"})
+        return {**kw, "profile": self.profile or default_profile(self.source), "train": train, "val": val, "test": test}
+
+
+class TrainingParams(_Params):
+    """Which models train, with which settings, where, and how they are ranked."""
+
+    preset: PresetName = "cpu"
+    """named settings: smoke, cpu or paper"""
+    models: list[ModelName] | None = None
+    """models to train (default: the preset's)"""
+    overrides: dict[ModelName, dict[str, Any]] | None = None
+    """per-model training settings, e.g. {"vgg16": {"epochs": 2}}"""
+    rank_by: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    """validation metric the leaderboard ranks on (test metrics are refused)"""
+    max_parallel: int | None = None
+    """models trained at once (default: the preset's)"""
+    train_deployment: str | None = None
+    """train each model as a run of this deployment, e.g. train-model/vertex-tpu"""
+    dask_address: str | None = None
+    """train on this Dask scheduler (prefect-dask)"""
+    model_timeout_s: float | None = None
+    """deadline of each model's training, in seconds"""
+    pickup_timeout_s: float | None = 600
+    """with train_deployment: how long a child run may wait for a worker, in seconds"""
+    ensemble: int | None = None
+    """average the best N trained models into one more leaderboard row (default: the preset's; 0: none)"""
+
+    def selected(self, preset: Preset) -> list[str]:
+        return list(self.models or preset.models)
+
+    def fanout(self, preset: Preset) -> dict[str, Any]:
+        """The train-models subflow's settings."""
+        return {
+            "max_parallel": self.max_parallel or preset.max_parallel,
+            "train_deployment": self.train_deployment,
+            "model_timeout_s": self.model_timeout_s,
+            "pickup_timeout_s": self.pickup_timeout_s,
+        }
+
+    def ensemble_size(self, preset: Preset) -> int:
+        return preset.ensemble if self.ensemble is None else self.ensemble
+
+
+class PromotionParams(_Params):
+    """What a challenger must show before it replaces the champion."""
+
+    champion_margin: float = 0.0
+    """test accuracy the challenger must beat the champion by, on the same images"""
+    covid_sensitivity_floor: float = 0.85
+    """lowest test COVID sensitivity a champion may have"""
+    require_significance: bool = False
+    """promotion also needs McNemar's exact test against the champion at p < 0.05"""
+    external_sources: list[str] | None = None
+    """labelled sets from elsewhere (folder, .zip, kaggle:...) each trained model is scored on (leaderboard columns)"""
+    external_floor: float | None = None
+    """promotion needs at least this accuracy on every external set (default: no gate)"""
+
+    def rules(self) -> dict[str, Any]:
+        """The bless task's rules."""
+        return {
+            "margin": self.champion_margin,
+            "floor": self.covid_sensitivity_floor,
+            "require_significance": self.require_significance,
+            "external_floor": self.external_floor,
+        }
+
+
+class PublishingParams(_Params):
+    """What is published for the top models."""
+
+    int8: bool | None = None
+    """also publish int8-weight Core ML packages (default: the preset's)"""
+
+    def int8_for(self, preset: Preset) -> bool:
+        return preset.int8 if self.int8 is None else self.int8
+
+
+def run_preset(data: DataParams, training: TrainingParams) -> Preset:
+    """The named preset, with the run's split when one is given."""
+    return get_preset(training.preset, **({"split": tuple(data.split)} if data.split else {}))
+
+
+def default_profile(source: str) -> str:
+    """The Kaggle release's class counts are checked for Kaggle sources; anything else gets the
+    layout-only profile unless the caller names one."""
+    return "kaggle" if source.startswith("kaggle") else "any"
+
+
+# -- python -m flows.retrain ------------------------------------------------------------------------
+GROUPS = {"data": DataParams, "training": TrainingParams, "promotion": PromotionParams, "publishing": PublishingParams}
+
+
+def cli_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """One option per field of every group (the data settings shared with ``python -m flows.prepare_data``)."""
+    first = (description or "").split("\n\n")[0]  # the flow's docstring, without its Args
+    ap = argparse.ArgumentParser(prog="python -m flows.retrain", description=first or None)
+    ap.add_argument("--store", default=DEFAULT_STORE, help="store URI: a path, file://... or gs://bucket/prefix")
+    _option(ap, DataParams, "source")
+    _option(ap, TrainingParams, "preset", choices=sorted(PRESETS))
+    _option(ap, TrainingParams, "models", nargs="*", help_extra=f": {MODEL_NAMES}")
+    _option(ap, TrainingParams, "overrides", type=json.loads, help_extra=" (JSON)")
+    _option(ap, DataParams, "profile")
+    _option(ap, TrainingParams, "rank_by", choices=["val_accuracy", "val_loss"])
+    _option(ap, TrainingParams, "max_parallel", type=int)
+    _option(ap, TrainingParams, "train_deployment")
+    _option(ap, TrainingParams, "dask_address")
+    _option(ap, PublishingParams, "int8", action=argparse.BooleanOptionalAction)
+    _option(ap, PromotionParams, "champion_margin", type=float)
+    _option(ap, PromotionParams, "covid_sensitivity_floor", type=float)
+    _option(ap, PromotionParams, "require_significance", action="store_true")
+    _option(ap, DataParams, "split", type=_ratios)
+    add_data_arguments(ap)
+    _option(ap, TrainingParams, "model_timeout_s", type=float)
+    _option(ap, TrainingParams, "pickup_timeout_s", type=float)
+    _option(ap, PromotionParams, "external_sources", flag="--external-source", action="append", help_extra=" (repeat)")
+    _option(ap, PromotionParams, "external_floor", type=float)
+    _option(ap, TrainingParams, "ensemble", type=int)
+    return ap
+
+
+def cli_parameters(argv: list[str] | None = None, description: str | None = None) -> dict[str, Any]:
+    """The flow's keyword arguments from a command line: ``store`` and the four groups."""
+    ap = cli_parser(description)
+    a = ap.parse_args(argv)
+    given = {**vars(a), **data_settings(a)}  # "0" image size and "" secret block: none
+    try:
+        return {"store": a.store, **{g: m(**{k: given[k] for k in m.model_fields}) for g, m in GROUPS.items()}}
+    except ValidationError as e:
+        ap.error("; ".join(f"--{str(x['loc'][0]).replace('_', '-')}: {x['msg']}" for x in e.errors()))
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def _option(ap, model: type[BaseModel], name: str, *, flag: str | None = None, help_extra: str = "", **kw) -> None:
+    field = model.model_fields[name]
+    doc = (field.description or "").replace("%", "%%")
+    ap.add_argument(
+        flag or "--" + name.replace("_", "-"), dest=name, default=field.default, help=doc + help_extra, **kw
+    )
