@@ -32,6 +32,21 @@ def _num(v: Any) -> float:
     return float("nan") if v is None else float(v)
 
 
+def _below(record: dict[str, Any]) -> str | None:
+    """The model a record must rank just below, where it says so (the ensemble: selected on validation)."""
+    return record.get("rank_below") or (record.get("extra") or {}).get("rank_below")
+
+
+def _rank_below(df: pd.DataFrame, below: dict[str, str]) -> pd.DataFrame:
+    """Move each model of ``below`` to just under the model it names, when it ranks above it."""
+    order = list(df["model"])
+    for model, other in below.items():
+        if model in order and other in order and order.index(model) < order.index(other):
+            order.remove(model)
+            order.insert(order.index(other) + 1, model)
+    return df.set_index("model", drop=False).loc[order].reset_index(drop=True)
+
+
 def leaderboard(records: list[dict[str, Any]], rank_by: str = "val_accuracy") -> pd.DataFrame:
     """One row per model; succeeded models ranked by ``rank_by`` (validation accuracy, the
     paper's choice), ties broken by validation loss, then by name; failed and skipped models last,
@@ -71,6 +86,7 @@ def leaderboard(records: list[dict[str, Any]], rank_by: str = "val_accuracy") ->
     primary = df[rank_by].fillna(math.inf if ascending else -math.inf)
     df = df.assign(_primary=primary if ascending else -primary, _failed=~df["_ok"])
     df = df.sort_values(["_failed", "_primary", "val_loss", "model"], kind="stable").reset_index(drop=True)
+    df = _rank_below(df, {r["model"]: _below(r) for r in records if _below(r)})
     df.insert(0, "rank", range(1, len(df) + 1))
     df.loc[df["_failed"], "rank"] = pd.NA
     return df[COLUMNS]

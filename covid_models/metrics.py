@@ -22,6 +22,16 @@ def wilson_interval(successes: int, n: int, alpha: float = 0.05) -> tuple[float,
     return (max(0.0, float(lo)), min(1.0, float(hi)))
 
 
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pairs: images only model A got right and
+    images only model B got right (a binomial test of ``only_a`` in ``only_a + only_b`` at 1/2)."""
+    if only_a + only_b == 0:
+        return 1.0
+    from statsmodels.stats.contingency_tables import mcnemar  # heavy: imported where used
+
+    return float(min(1.0, mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue))
+
+
 def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
     conf = probs.max(axis=1)
     correct = probs.argmax(axis=1) == y

@@ -22,7 +22,7 @@ from covid_data.split import load_split
 from covid_data.store import open_store
 from covid_eval.duplicates import seen_images, training_images
 from covid_models.data import load_split_data
-from covid_models.metrics import classification_metrics
+from covid_models.metrics import classification_metrics, mcnemar_exact
 from covid_models.stored import MARKER as METRICS_FILE
 from covid_models.stored import StoredModel
 
@@ -130,16 +130,6 @@ def split_sha256(split_uri: str, split: str = "train") -> set[str]:
 
     table = load_split(split_uri)
     return set(table.loc[table["split"] == split, "sha256"].astype(str))
-
-
-def mcnemar_exact(only_a: int, only_b: int) -> float:
-    """Two-sided exact McNemar p-value from the discordant pairs: images only model A got right and
-    images only model B got right (a binomial test of ``only_a`` in ``only_a + only_b`` at 1/2)."""
-    if only_a + only_b == 0:
-        return 1.0
-    from statsmodels.stats.contingency_tables import mcnemar  # heavy: imported where used
-
-    return float(min(1.0, mcnemar([[0, only_a], [only_b, 0]], exact=True).pvalue))
 
 
 @dataclass

@@ -54,7 +54,9 @@ def model_card(
         f"Input {config['input_size']}x{config['input_size']} grayscale (raw pixels; preprocessing inside the model); "
         + (
             f"{describe_weights(model, config, weights)} (each member resized bilinearly to its own input size; "
-            "the members and their number are the run's best by validation accuracy, nothing is fitted)."
+            "the members are the run's best by validation accuracy and their temperatures were fitted on "
+            "validation: its validation accuracy flatters it, so it ranks above its best member only when it "
+            "beats that member significantly there)."
             if is_ensemble(model)
             else f"{describe_weights(model, config, weights)}; {config['epochs']} epochs max, learning rate "
             f"{config['learning_rate']}."

@@ -92,7 +92,18 @@ def test_ensemble_is_the_mean_of_calibrated_members_and_a_stored_slot(members, s
     assert text == describe_members(cfg) and "mobilenet_v2 (48 px, T=1.70)" in text and "custom_cnn (32 px" in text
 
     card = model_card("ensemble", stored["metrics"], cfg, {"version": "v", "split_hash": "h1", "counts": {}})
-    assert text in card and "nothing is fitted" in card and "epochs max" not in card
+    assert text in card and "temperatures were fitted on validation" in card and "epochs max" not in card
+    # Chosen and calibrated on validation, it ranks above its best member only by a significant win there.
+    fair = stored["result"]["extra"]["val_vs_best_member"]
+    best_right = a.predict(xs, verbose=0).argmax(1) == y  # the best member alone (T does not change its class)
+    ens_right = expected.argmax(1) == y
+    assert fair["model"] == "mobilenet_v2"
+    assert (fair["only_ensemble_right"], fair["only_member_right"]) == (
+        int((ens_right & ~best_right).sum()),
+        int((~ens_right & best_right).sum()),
+    )
+    significant = fair["only_ensemble_right"] > fair["only_member_right"] and fair["p"] < 0.05
+    assert ("rank_below" in stored["result"]["extra"]) == (not significant)
 
     again = build_and_evaluate(members, small_split, out)  # complete: read back, never rebuilt
     assert again.status == "cached" and again.val_accuracy == result.val_accuracy

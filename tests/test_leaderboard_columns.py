@@ -41,3 +41,18 @@ def test_external_floor_withdraws_a_blessing():
     assert not refused["blessed"] and refused["rule"] == "external_floor"
     assert "site-b" in refused["reason"] and "site-c" not in refused["reason"]
     assert external_gate({"blessed": False, "reason": "worse", "rule": "worse"}, ext, 0.8)["rule"] == "worse"
+
+
+def test_a_model_chosen_on_validation_ranks_just_below_the_model_it_names():
+    records = [
+        {"model": "custom_cnn", "status": "trained", "val_accuracy": 0.90, "val_loss": 0.3},
+        {"model": "mobilenet_v2", "status": "trained", "val_accuracy": 0.95, "val_loss": 0.2},
+        {"model": "ensemble", "status": "trained", "val_accuracy": 0.97, "extra": {"rank_below": "mobilenet_v2"}},
+        {"model": "vgg16", "status": "trained", "val_accuracy": 0.80, "val_loss": 0.5},
+    ]
+    board = leaderboard(records)
+    assert list(board["model"]) == ["mobilenet_v2", "ensemble", "custom_cnn", "vgg16"]
+    assert list(board["rank"]) == [1, 2, 3, 4]
+    # A significant win on validation (no rank_below): it ranks by its figure like any row.
+    records[2]["extra"] = {}
+    assert list(leaderboard(records)["model"]) == ["ensemble", "mobilenet_v2", "custom_cnn", "vgg16"]
