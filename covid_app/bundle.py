@@ -280,16 +280,21 @@ def build_run_app(
     dataset: dict[str, Any],
     exports: list[dict[str, Any]],
     explain: list[dict[str, Any]] | None = None,
+    champion_uri: str | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """(bundle record, why there is no guard or None): the run's bundle with its split's guard
-    (fitted once) and the store's current champion marked. What ``retrain`` and ``make app`` call."""
+    (fitted once) and the champion marked: ``champion_uri`` (the retrain flow passes the model it
+    is about to promote: promotion comes after the bundle), else the store's current champion.
+    What ``retrain`` and ``make app`` call."""
     store = as_store(store)
     try:
         guard, note = ensure_guard(store, dataset["split"], dataset["split_hash"]), None
     except GuardUnavailableError as e:
         guard, note = None, str(e)
         log.warning("the app has no out-of-distribution guard: %s", e)
-    champ = registry.current(store)
+    if champion_uri is None:
+        champ = registry.current(store)
+        champion_uri = champ["model_uri"] if champ else None
     rec = build_app_bundle(
         store,
         run_id,
@@ -297,7 +302,7 @@ def build_run_app(
         exports=exports,
         guard=guard,
         guard_note=note,
-        champion_uri=champ["model_uri"] if champ else None,
+        champion_uri=champion_uri,
         explain=explain,
     )
     return rec, note

@@ -248,9 +248,9 @@ def report_markdown(
         board_markdown,
     ]
     lines += shortcut_table(run.get("explain"))
-    decision = run.get("champion")
-    if decision:
-        lines += ["", f"**Champion:** {decision['reason']}"]
+    promotion = run.get("promotion")
+    if promotion:
+        lines += ["", f"**Promotion:** {promotion['reason']}"]
     bless = run.get("blessing")
     if bless and bless.get("comparison"):
         c = bless["comparison"]

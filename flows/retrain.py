@@ -44,8 +44,10 @@ from tasks.publishing import (
     StageClock,
     app_bundle,
     bless_challenger,
+    blessed_uri,
     check_run,
     finish_run,
+    not_ready,
     promote_champion,
     publish_run,
     run_id,
@@ -118,18 +120,20 @@ def retrain(
         board = with_columns(board, shortcut_columns(explain))
         clock.lap("explain")
         published = publish_run(store, run, dataset, board, records, exports, blessing, explain)
-        exports_ok = len(exports) == len(top) == needed
-        decision = promote_champion(store, candidate, exports, blessing, exports_ok)
         clock.lap("publish")
-        app = app_bundle(store, run, dataset, exports, explain)
+        app = app_bundle(store, run, dataset, exports, explain, blessed_uri(candidate, blessing))
         clock.lap("app")
         done = finish_run(
-            store, run, dataset, p.to_dict(), board, records, published, exports, blessing, decision, clock.seconds,
+            store, run, dataset, p.to_dict(), board, records, published, exports, blessing, clock.seconds,
             app, explain=explain, externals=externals,
         )  # fmt: skip
+        # The Pusher last: the champion only ever points at a complete run, exports and app.
+        ready = not_ready(len(exports) == len(top) == needed, app)
+        decision = promote_champion(store, candidate, exports, blessing, ready)
     check_run(top, needed, records, exports, app)
     return {
-        **{k: done[k] for k in ("run_id", "exports", "champion", "seconds", "app")},
+        **{k: done[k] for k in ("run_id", "exports", "seconds", "app")},
+        "champion": decision,
         "leaderboard": board["rows"],
         "run": open_store(store).uri_for(f"runs/{run}"),
     }

@@ -124,8 +124,10 @@ class PromotionParams(_Params):
     """test accuracy the challenger must beat the champion by, on the same images"""
     covid_sensitivity_floor: float = 0.85
     """lowest test COVID sensitivity a champion may have"""
-    require_significance: bool = False
-    """promotion also needs McNemar's exact test against the champion at p < 0.05"""
+    require_significance: bool = True
+    """promotion also needs McNemar's exact test against the champion at p < 0.05 (on the same images)"""
+    covid_noninferiority_margin: float | None = 0.05
+    """the challenger's COVID sensitivity must be non-inferior to the champion's within this (None: no check)"""
     external_sources: list[str] | None = None
     """labelled sets from elsewhere (folder, .zip, kaggle:...) each trained model is scored on (leaderboard columns)"""
     external_floor: float | None = None
@@ -137,6 +139,7 @@ class PromotionParams(_Params):
             "margin": self.champion_margin,
             "floor": self.covid_sensitivity_floor,
             "require_significance": self.require_significance,
+            "covid_noninferiority_margin": self.covid_noninferiority_margin,
             "external_floor": self.external_floor,
         }
 
@@ -183,7 +186,8 @@ def cli_parser(description: str | None = None) -> argparse.ArgumentParser:
     _option(ap, PublishingParams, "int8", action=argparse.BooleanOptionalAction)
     _option(ap, PromotionParams, "champion_margin", type=float)
     _option(ap, PromotionParams, "covid_sensitivity_floor", type=float)
-    _option(ap, PromotionParams, "require_significance", action="store_true")
+    _option(ap, PromotionParams, "require_significance", action=argparse.BooleanOptionalAction)
+    _option(ap, PromotionParams, "covid_noninferiority_margin", type=_optional_float)
     _option(ap, DataParams, "split", type=_ratios)
     add_data_arguments(ap)
     _option(ap, TrainingParams, "model_timeout_s", type=float)
@@ -207,6 +211,10 @@ def cli_parameters(argv: list[str] | None = None, description: str | None = None
 
 def _ratios(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(","))
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.strip().lower() in ("none", "off", "") else float(text)
 
 
 def _option(ap, model: type[BaseModel], name: str, *, flag: str | None = None, help_extra: str = "", **kw) -> None:

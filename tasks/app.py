@@ -22,13 +22,16 @@ def build_app(
     dataset: dict[str, Any],
     exports: list[dict[str, Any]],
     explain: list[dict[str, Any]] | None = None,
+    champion_uri: str | None = None,
 ) -> dict[str, Any]:
     """``{"status": "built"|"skipped"|"failed", ...}``: the bundle's record, or why there is none."""
     log = get_run_logger()
     if not exports:
         return {"status": "skipped", "reason": "no exported models to put in the app"}
     try:
-        rec, note = build_run_app(open_store(store), run_id, dataset=dataset, exports=exports, explain=explain)
+        rec, note = build_run_app(
+            open_store(store), run_id, dataset=dataset, exports=exports, explain=explain, champion_uri=champion_uri
+        )
     except AppBuildUnavailable as e:
         log.warning("%s", e)
         return {"status": "skipped", "reason": str(e)}

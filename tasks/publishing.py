@@ -34,7 +34,8 @@ def bless_challenger(
     training_succeeded: bool,
     margin: float,
     floor: float,
-    require_significance: bool = False,
+    require_significance: bool = True,
+    covid_noninferiority_margin: float | None = 0.05,
     externals: dict[str, list[dict[str, Any]]] | None = None,
     external_floor: float | None = None,
 ) -> dict[str, Any] | None:
@@ -53,6 +54,7 @@ def bless_challenger(
             margin=margin,
             covid_sensitivity_floor=floor,
             require_significance=require_significance,
+            covid_noninferiority_margin=covid_noninferiority_margin,
         )
     )
     blessing = external_gate(blessing, (externals or {}).get(challenger["model"], []), external_floor)
@@ -91,14 +93,16 @@ def promote_champion(
     candidate: dict[str, Any] | None,
     exports: list[dict[str, Any]],
     blessing: dict[str, Any] | None,
-    exports_ok: bool,
+    not_ready: str | None,
 ) -> dict[str, Any] | None:
     """Swap ``champion.json`` to the candidate if it was blessed (compare-and-swap; every
-    decision goes to the champion history): TFX's Pusher."""
+    decision goes to the champion history): TFX's Pusher. It runs last, once everything the
+    champion points to (run folder, exports, app bundle) is complete; ``not_ready`` says what is
+    not, and then nothing is promoted."""
     if candidate is None or blessing is None:
         return None
-    if not exports_ok and blessing.get("blessed"):
-        blessing = {**blessing, "blessed": False, "reason": "the top models' exports did not all succeed"}
+    if not_ready and blessing.get("blessed"):
+        blessing = {**blessing, "blessed": False, "reason": f"not promoted: {not_ready}"}
     mine = next((e for e in exports if e["model"] == candidate["model"]), None)
     uris = {v: rec["uri"] for v, rec in mine["variants"].items()} if mine else {}
     decision = _plain(registry.decide_and_promote(open_store(store), {**candidate, "exports": uris}, blessing))
@@ -117,7 +121,6 @@ def finish_run(
     models: dict[str, str],
     exports: list[dict[str, Any]],
     blessing: dict[str, Any] | None,
-    decision: dict[str, Any] | None,
     seconds: dict[str, float],
     app: dict[str, Any] | None = None,
     *,
@@ -138,7 +141,9 @@ def finish_run(
         "records": records,
         "exports": exports,
         "blessing": blessing,
-        "champion": decision,
+        # Promotion comes after this marker (the champion never points at an incomplete run): the
+        # decision itself is in the champion history, champion/history/<seq>.json.
+        "promotion": _promotion(blessing),
         "seconds": seconds,  # per stage, up to publishing
         "app": app,
         "explain": explain,
@@ -153,6 +158,23 @@ def finish_run(
         uri = s.uri_for(f"runs/{run_id}/exports/{e['model']}/{pkg}")
         create_link_artifact(uri, link_text=pkg, description=f"Core ML package of {e['model']}")
     return stored
+
+
+def _promotion(blessing: dict[str, Any] | None) -> dict[str, Any]:
+    if not blessing:
+        return {"pending": False, "reason": "no challenger"}
+    if blessing.get("blessed"):
+        return {"pending": True, "reason": f"blessed ({blessing['reason']}); promoted once this run is complete"}
+    return {"pending": False, "reason": f"not promoted: {blessing['reason']}"}
+
+
+def not_ready(exports_ok: bool, app: dict[str, Any]) -> str | None:
+    """What stops a blessed challenger from being pushed: what the champion would point to is incomplete."""
+    if not exports_ok:
+        return "the top models' exports did not all succeed"
+    if app.get("status") == "failed":
+        return f"the app bundle failed ({app.get('reason')})"
+    return None
 
 
 # -- the retrain flow's run bookkeeping ------------------------------------------------------------
@@ -181,12 +203,22 @@ def trained_all(records: list[dict[str, Any]]) -> bool:
     return all(r["status"] in ("trained", "cached", "skipped") for r in records)
 
 
+def blessed_uri(candidate: dict[str, Any] | None, blessing: dict[str, Any] | None) -> str | None:
+    """The model the app marks as champion when this run's challenger is about to be promoted."""
+    return candidate["model_uri"] if candidate and blessing and blessing.get("blessed") else None
+
+
 def app_bundle(
-    store: str, run_id: str, dataset: dict[str, Any], exports: list[dict[str, Any]], explain: list[dict[str, Any]]
+    store: str,
+    run_id: str,
+    dataset: dict[str, Any],
+    exports: list[dict[str, Any]],
+    explain: list[dict[str, Any]],
+    champion_uri: str | None = None,
 ) -> dict[str, Any]:
     """The app-bundle task's record, or ``{"status": "failed", "reason"}`` when the task failed (the
     run is completed first, then fails: see :func:`check_run`)."""
-    state = build_app(store, run_id, dataset, exports, explain, return_state=True)
+    state = build_app(store, run_id, dataset, exports, explain, champion_uri, return_state=True)
     return state.result() if state.is_completed() else {"status": "failed", "reason": state.message}
 
 

@@ -3,9 +3,9 @@
     python tests/crash_stages.py STAGE --source DIR --store DIR --run-id ID
 
 Stages, in order: prepare (publish the dataset version and its split), train (a tiny custom CNN),
-export (its Core ML and TFLite files), publish (the run folder), promote (bless, then the champion
-compare-and-swap) and complete (report and run.json). Each calls the plain functions the
-Prefect tasks wrap, and derives its inputs from the store alone, so a rerun after a kill starts
+export (its Core ML and TFLite files), publish (the run folder), complete (report and run.json)
+and promote (bless, then the champion compare-and-swap: last, as in the retrain flow). Each calls
+the plain functions the Prefect tasks wrap, and derives its inputs from the store alone, so a rerun after a kill starts
 from whatever the killed process left. Set ``COVID_FAULT_KILL_AFTER`` / ``COVID_FAULT_COUNTER``
 to have the process SIGKILL itself after its N-th store write (covid_data.store).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = ("prepare", "train", "export", "publish", "promote", "complete")
+STAGES = ("prepare", "train", "export", "publish", "complete", "promote")
 RATIOS = (0.5, 0.25, 0.25)
 
 
@@ -120,9 +120,16 @@ def run_stage(stage: str, source: str, store_uri: str, run_id: str) -> None:
         )
         return
     if stage == "promote":
-        # A margin of -1 makes every challenger good enough: the test wants the swap to happen.
+        # Every challenger good enough (margin -1, no significance or non-inferiority needed): the
+        # test wants the swap to happen.
         blessing = bless(
-            candidate, registry.current(store), run_succeeded=True, margin=-1.0, covid_sensitivity_floor=0.0
+            candidate,
+            registry.current(store),
+            run_succeeded=True,
+            margin=-1.0,
+            covid_sensitivity_floor=0.0,
+            require_significance=False,
+            covid_noninferiority_margin=None,
         )
         registry.decide_and_promote(store, {**candidate, "exports": {}}, blessing)
         return

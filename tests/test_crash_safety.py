@@ -1,7 +1,7 @@
 """Crash safety: the pipeline SIGKILLed after every store write, then run again.
 
 Each stage of a tiny retraining run (tests/crash_stages.py: prepare, train, export, publish,
-promote, complete) runs as a real process that kills itself with SIGKILL right after its N-th
+complete, promote) runs as a real process that kills itself with SIGKILL right after its N-th
 store write, for every N until the stage finishes without reaching N; then the stage runs again.
 Every rerun must complete; every unit that was complete before the kill must be byte-identical
 after; ``champion.json`` must always parse and point at a complete model; the champion history
@@ -28,8 +28,8 @@ from tests.conftest import make_kaggle_folder
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 HERE = Path(__file__).parent
-STAGES_R0 = ("prepare", "train", "export", "publish", "promote", "complete")
-STAGES_R1 = ("publish", "promote", "complete")
+STAGES_R0 = ("prepare", "train", "export", "publish", "complete", "promote")
+STAGES_R1 = ("publish", "complete", "promote")
 MARKERS = ("metrics.json", "export.json", "run.json", "split.json", "manifest.parquet", "_COMPLETE.json")
 
 

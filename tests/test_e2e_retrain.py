@@ -12,6 +12,7 @@ import pytest
 
 from covid_data.labels import CLASSES
 from covid_data.store import open_store
+from covid_registry.champion import history
 from tests.conftest import SHARED, make_kaggle_folder
 
 pytestmark = pytest.mark.slow
@@ -129,7 +130,9 @@ def test_retrain_adhoc_deployment_end_to_end(prefect_cli, tmp_path):
     assert {r["status"] for r in second["board"]} == {"cached"}  # nothing retrained
     kept = json.loads(open_store(store).read_text("champion.json"))
     assert kept["run_id"] == first["record"]["run_id"]  # an equal model does not beat the champion
-    assert not second["record"]["champion"]["changed"]
+    assert not second["record"]["promotion"]["pending"]  # run.json says it, before promotion runs last
+    last = history(store)[-1]  # the decision itself: the champion history's newest entry
+    assert last["run_id"] == second["record"]["run_id"] and last["action"] == "keep"
     assert second["record"]["blessing"]["comparison"]["n"] > 0  # the champion was scored again, same images
 
 

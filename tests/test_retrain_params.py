@@ -27,7 +27,8 @@ from flows.retrain_params import (
 )
 from tasks.credentials import DEFAULT_SECRET_BLOCK
 
-# The 27 flat parameters of retrain before they were grouped, with their defaults.
+# The 27 flat parameters of retrain before they were grouped, with their defaults (and what changed
+# since: promotion needs a significant win and COVID sensitivity non-inferior to the champion's).
 FLAT_DEFAULTS = {
     "source": DEFAULT_SOURCE,
     "store": DEFAULT_STORE,
@@ -42,7 +43,8 @@ FLAT_DEFAULTS = {
     "int8": None,
     "champion_margin": 0.0,
     "covid_sensitivity_floor": 0.85,
-    "require_significance": False,
+    "require_significance": True,
+    "covid_noninferiority_margin": 0.05,
     "split": None,
     "seed": 42,
     "image_size": 299,
