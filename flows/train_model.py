@@ -14,26 +14,17 @@ process when it runs past it).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from prefect import flow, get_run_logger
 
 from covid_models.runner import train_in_subprocess
 from covid_models.train import TrainConfig
+from tasks.training import DEFAULT_TIMEOUT_S, training_timeout_s
 
-DEFAULT_TIMEOUT_S = 6 * 3600.0
+__all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_S", "train_model_flow"]
 
-
-def _env_timeout() -> float:
-    raw = os.environ.get("COVID_TRAIN_TIMEOUT_S", "")
-    try:
-        return float(raw) if raw.strip() else DEFAULT_TIMEOUT_S
-    except ValueError as e:
-        raise ValueError(f"COVID_TRAIN_TIMEOUT_S must be a number of seconds, not {raw!r}") from e
-
-
-TIMEOUT_S = _env_timeout()
+TIMEOUT_S = training_timeout_s()
 
 
 @flow(

@@ -34,7 +34,7 @@ from prefect.states import Cancelled, Cancelling, Completed, State
 
 from covid_models.runner import kill_all_trainings
 from covid_models.train import TrainConfig, cached_result
-from tasks.training import train_model
+from tasks.training import default_model_deadline_s, train_model
 
 __all__ = ["train_models", "reuse_model", "failed_record", "on_dask"]
 
@@ -211,6 +211,7 @@ def _train_on_deployment(
 
     logger = get_run_logger()
     slots = max(1, max_parallel)
+    deadline = model_timeout_s if model_timeout_s is not None else default_model_deadline_s()
     queue = deque(range(len(configs)))
     active: dict[int, _Child] = {}
     records: dict[int, dict[str, Any]] = {}
@@ -250,8 +251,13 @@ def _train_on_deployment(
                         records[i] = _child_record(child, state)
                     elif state.is_running():
                         child.started = child.started or now
-                        if model_timeout_s is not None and now - child.started > model_timeout_s:
-                            why = f"timed out after {model_timeout_s:g} s"
+                        if now - child.started > deadline:
+                            why = f"timed out after {deadline:g} s" + (
+                                ""
+                                if model_timeout_s is not None
+                                else " (the train-model flow's limit for two "
+                                "attempts plus a grace period: is its worker gone?)"
+                            )
                             cancel(child, f"train_models: {why}")
                             records[i] = failed_record(child.cfg, f"child flow run {child.run_id} {why}")
                     elif (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -14,6 +15,25 @@ from covid_models.runner import train_in_subprocess
 from covid_models.train import TrainConfig
 
 _EPOCH = re.compile(r"epoch (\d+)/(\d+) done")
+
+DEFAULT_TIMEOUT_S = 6 * 3600.0  # one training's limit, unless COVID_TRAIN_TIMEOUT_S says otherwise
+RETRY_GRACE_S = 600.0  # a retry's delay, a worker's start-up and a slow API, on top of two attempts
+
+
+def training_timeout_s() -> float:
+    """One training attempt's limit: ``COVID_TRAIN_TIMEOUT_S`` (seconds), default 6 h."""
+    raw = os.environ.get("COVID_TRAIN_TIMEOUT_S", "")
+    try:
+        return float(raw) if raw.strip() else DEFAULT_TIMEOUT_S
+    except ValueError as e:
+        raise ValueError(f"COVID_TRAIN_TIMEOUT_S must be a number of seconds, not {raw!r}") from e
+
+
+def default_model_deadline_s() -> float:
+    """How long a training may run when the caller sets no ``model_timeout_s``: the train-model
+    flow's own limit for its two attempts (it retries once), plus a grace period. Past it a child
+    run whose worker died (its state stays Running) is cancelled instead of polled forever."""
+    return 2 * training_timeout_s() + RETRY_GRACE_S
 
 
 class _Progress:

@@ -218,6 +218,7 @@ def test_the_dockerfile_shell_steps_parse_and_the_accelerator_step_runs_here(tmp
 def test_a_vertex_job_outlives_both_attempts_of_train_model(monkeypatch):
     """train-model retries in the same Vertex AI job, so the job's time cap must hold both attempts."""
     import flows.train_model as tm
+    from tasks.training import training_timeout_s
 
     template = json.loads((REPO / "deployments" / "vertex-tpu-pool.json").read_text())
     props = template["variables"]["properties"]
@@ -225,5 +226,18 @@ def test_a_vertex_job_outlives_both_attempts_of_train_model(monkeypatch):
     flow = tm.train_model_flow
     # In the job, the flow's timeout is what this environment variable makes it at import.
     attempts = 1 + flow.retries
-    needed = attempts * tm._env_timeout() + flow.retries * flow.retry_delay_seconds
+    needed = attempts * training_timeout_s() + flow.retries * flow.retry_delay_seconds
     assert needed <= props["maximum_run_time_hours"]["default"] * 3600, (needed, attempts)
+
+
+def test_a_child_run_has_a_deadline_even_when_none_is_set(monkeypatch):
+    """A training child whose worker died stays Running: with no model_timeout_s it is cancelled after
+    the train-model flow's limit for both its attempts plus a grace period, never polled forever."""
+    import flows.train_model as tm
+    from tasks.training import RETRY_GRACE_S, default_model_deadline_s
+
+    monkeypatch.setenv("COVID_TRAIN_TIMEOUT_S", "1000")
+    flow = tm.train_model_flow
+    deadline = default_model_deadline_s()
+    assert deadline == 2 * 1000 + RETRY_GRACE_S
+    assert deadline > (1 + flow.retries) * 1000 + flow.retries * flow.retry_delay_seconds  # both attempts fit
