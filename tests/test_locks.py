@@ -85,6 +85,17 @@ def test_names_are_stable_per_store(tmp_path: Path, monkeypatch):
     assert canonical_store_uri(".store") == str(tmp_path / ".store")
 
 
+def _wait_log(path: Path, text: str, procs: list, timeout: float = 120.0) -> None:
+    """Until ``path`` contains ``text`` (a waiting run's report of the holder), while ``procs`` run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        assert all(p.poll() is None for p in procs), path.read_text(errors="replace")[-3000:]
+        time.sleep(0.1)
+    pytest.fail(f"{path.name} never said {text!r}")
+
+
 @pytest.mark.timeout(300)
 def test_one_run_per_store_released_on_failure_other_stores_concurrent(prefect_server, tmp_path: Path):
     from prefect.client.orchestration import get_client
@@ -101,7 +112,8 @@ def test_one_run_per_store_released_on_failure_other_stores_concurrent(prefect_s
     procs = [first, second, a, b]
     # Only `first` and `second` must still be running: `a` and `b` may already be done.
     _wait_file(tmp_path / "second.waiting", [first, second])
-    time.sleep(3)  # `second` is now asking the server for the slot `first` holds
+    # `second` has asked the server for the slot `first` holds, and been told who holds it:
+    _wait_log(tmp_path / "second.log", "is held by", [first, second])
     assert not (tmp_path / "second.entered").exists(), "two runs on one store held the lock at once"
     go_first.touch()
     codes = {n: p.wait(180) for n, p in zip(("first", "second", "a", "b"), procs, strict=True)}
