@@ -130,14 +130,19 @@ class SplitRef:
     def to_dict(self) -> dict:
         return {**asdict(self), "uri": self.uri}
 
+    @staticmethod
+    def locate(uri: str) -> tuple[str, str, str]:
+        """(store root, dataset version, split hash) of a split URI, read from the URI alone."""
+        m = _SPLIT_URI.fullmatch(str(uri).rstrip("/"))
+        if m is None:
+            raise ValueError(f"{uri!r} is not a split URI (<store>/datasets/<version>/splits/<hash>/split.parquet)")
+        return m.group(1), m.group(2), m.group(3)
+
     @classmethod
     def from_uri(cls, uri: str) -> SplitRef:
         """The split that ``<store>/datasets/<version>/splits/<hash>/split.parquet`` names; its counts
         and lineage from ``split.json`` where that marker is there (zeros where it is not)."""
-        m = _SPLIT_URI.fullmatch(str(uri).rstrip("/"))
-        if m is None:
-            raise ValueError(f"{uri!r} is not a split URI (<store>/datasets/<version>/splits/<hash>/split.parquet)")
-        root, version, split_hash = m.groups()
+        root, version, split_hash = cls.locate(uri)
         store = open_store(root)
         key = f"datasets/{version}/splits/{split_hash}/{MARKER}"
         info = json.loads(store.read_text(key)) if store.exists(key) else {}

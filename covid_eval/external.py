@@ -44,6 +44,7 @@ import pandas as pd
 
 from covid_data.dataset import default_cache_dir, fetch_dataset, load_manifest
 from covid_data.labels import CLASSES
+from covid_data.split import SplitRef
 from covid_data.store import Store, Unit, as_store, open_store
 from covid_data.validation import DataValidationError, get_profile, validate_manifest
 from covid_eval.duplicates import (
@@ -84,7 +85,10 @@ class ModelRef:
 
     def identity(self) -> dict[str, Any]:
         """The model as the evaluation record names it."""
-        parts = self.split_uri.rstrip("/").split("/")
+        try:
+            _, version, split_hash = SplitRef.locate(self.split_uri)
+        except ValueError:
+            version = split_hash = None
         return {
             "reference": self.reference,
             "uri": self.uri,
@@ -96,8 +100,8 @@ class ModelRef:
             "weights": self.weights,
             "trained": describe_weights(self.model, self.config, self.weights),
             "split": self.split_uri,
-            "split_hash": parts[-2] if len(parts) >= 4 else None,
-            "dataset_version": parts[-4] if len(parts) >= 4 and parts[-3] == "splits" else None,
+            "split_hash": split_hash,
+            "dataset_version": version,
             "max_per_class": self.config.get("max_per_class"),
         }
 
@@ -125,8 +129,10 @@ def model_ref(uri: str, what: str | None = None) -> ModelRef:
     cfg = doc.get("config") or {}
     if not cfg.get("split") or not cfg.get("input_size"):
         raise EvaluationError(f"{what}: {slot.uri}/metrics.json names no training split or input size")
-    split_parts = str(cfg["split"]).rstrip("/").split("/")
-    split_hash = split_parts[-2] if len(split_parts) >= 2 else "nosplit"
+    try:
+        split_hash = SplitRef.locate(cfg["split"])[2]
+    except ValueError:
+        split_hash = "nosplit"
     return ModelRef(
         reference=what,
         uri=slot.uri,

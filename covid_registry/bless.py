@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from covid_data.split import SplitRef
 from covid_registry.comparison import (
     ChallengerScoringError,
     Comparison,
@@ -56,10 +57,10 @@ def candidate_record(
     doc = read_slot_metrics(model_uri)
     cfg, result = doc["config"], doc["result"]
     split_uri = cfg["split"]
-    parts = split_uri.rstrip("/").split("/")
-    # .../datasets/<version>/splits/<hash>/split.parquet
-    split_hash = parts[-2] if len(parts) >= 2 else None
-    version = parts[-4] if len(parts) >= 4 and parts[-3] == "splits" else None
+    try:
+        _, version, split_hash = SplitRef.locate(split_uri)
+    except ValueError:  # a split written outside a store's datasets/ (hand-made): no version to name
+        version = split_hash = None
     return {
         "run_id": run_id,
         "model": cfg["model"],
