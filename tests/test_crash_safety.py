@@ -130,7 +130,7 @@ def _same_end_state(store: Path, reference: Path, where: str) -> None:
         if not p.exists():
             return None
         c = json.loads(p.read_text())
-        return c.get("run_id"), c.get("model"), Path(c["model_uri"]).relative_to(root).as_posix()
+        return c.get("run_id"), c.get("model"), c["model_uri"]  # URIs name the slot's fixed store path
 
     assert champion(store) == champion(reference), f"{where}: another champion than an uninterrupted run"
 
