@@ -343,3 +343,29 @@ def test_a_champion_from_before_the_history_is_compared_and_replaced(world, tmp_
     assert d["changed"] and d["comparison"]["excluded"] > 0  # its training split came from the slot's config
     entries = history(store)
     assert entries[0]["champion_before"]["run_id"] == "old-run" and entries[0]["status"] == "current champion"
+
+
+def test_a_blessed_challenger_is_not_pushed_when_its_app_bundle_failed(world, tmp_path, prefect_server):
+    """The Pusher runs last and pushes only what is complete: a failed app bundle keeps the champion,
+    and the history says why; the same blessing with a built bundle is pushed."""
+    import dataclasses
+
+    from prefect import flow
+
+    from tasks.publishing import not_ready, promote_champion
+
+    store = str(tmp_path / "store")
+    assert evaluate_and_promote(store, candidate_record("run-a", world.champ), **RULES)["changed"]
+    chal = candidate_record("run-b", world.chal)
+    blessing = dataclasses.asdict(bless(chal, current(store), **{**RULES, "margin": -2.0}, cache_dir=world.cache))
+    assert blessing["blessed"]
+
+    @flow
+    def push(app: dict) -> dict:
+        return promote_champion(store, chal, [], blessing, not_ready(True, app))
+
+    kept = push({"status": "failed", "reason": "npm run build exited 1"})
+    assert not kept["changed"] and "app bundle failed (npm run build exited 1)" in kept["reason"]
+    assert current(store)["run_id"] == "run-a"
+    assert history(store)[-1]["action"] == "keep" and "app bundle failed" in history(store)[-1]["reason"]
+    assert push({"status": "built"})["changed"] and current(store)["run_id"] == "run-b"
