@@ -1,7 +1,8 @@
 """An averaged ensemble of the run's top models, as one more model on the leaderboard.
 
 The ensemble is a Keras model of its own: one grey input at the largest member's size, each
-member fed a bilinear resize of it where its size differs, each member's probabilities
+member fed an antialiased bilinear resize of it where its size differs (what training does:
+covid_models.data, ``tf.image.resize(..., antialias=True)``), each member's probabilities
 temperature-scaled by its own calibration (fitted on validation), then averaged with equal
 weights. What is fitted, all on validation: which members (the run's top models by validation
 accuracy) and their temperatures. Its validation accuracy therefore flatters it, so it ranks above
@@ -35,11 +36,43 @@ log = logging.getLogger(__name__)
 ENSEMBLE = "ensemble"
 EPS = 1e-7
 # Bump when the construction changes: the slot key hashes it.
-RECIPE = "mean of temperature-scaled member probabilities; bilinear resize to each member's size; v1"
+RECIPE = "mean of temperature-scaled member probabilities; antialiased bilinear resize to each member's size; v2"
 
 
 def is_ensemble(name: str) -> bool:
     return name == ENSEMBLE
+
+
+def resize_matrix(src: int, dst: int) -> np.ndarray:
+    """The ``(dst, src)`` matrix ``A`` of an antialiased bilinear resize along one axis: its columns
+    are ``tf.image.resize(..., antialias=True)`` of the unit vectors, so that, the resize being
+    separable and linear, an ``src`` x ``src`` image ``X`` resizes to ``A @ X @ A.T``."""
+    import tensorflow as tf
+
+    units = tf.reshape(tf.eye(src), (src, src, 1, 1))  # src images of src x 1 pixels, one per unit vector
+    columns = tf.image.resize(units, (dst, 1), method="bilinear", antialias=True)
+    return columns.numpy().reshape(src, dst).T.astype("float32")
+
+
+def antialiased_resize(x, size: int, name: str):
+    """``x`` (``(batch, L, L, 1)``) resized to ``size`` x ``size`` as training resizes (bilinear,
+    antialiased), with builtin layers only: the ``ScaleAndTranslate`` op behind
+    ``Resizing(antialias=True)`` is no TFLite builtin, while a fixed matrix on each axis
+    (Dense, Permute, Reshape) converts to TFLite builtins and Core ML and loads in safe mode."""
+    import keras
+
+    src = int(x.shape[1])
+    a_t = resize_matrix(src, size).T  # (src, size): Dense's kernel, applied along the last axis
+    x = keras.layers.Reshape((src, src), name=f"{name}_squeeze")(x)
+    rows = keras.layers.Dense(size, use_bias=False, trainable=False, name=f"{name}_width")
+    cols = keras.layers.Dense(size, use_bias=False, trainable=False, name=f"{name}_height")
+    x = rows(x)  # X A^T: (src, size)
+    x = keras.layers.Permute((2, 1), name=f"{name}_transpose")(x)  # A X^T
+    x = cols(x)  # A X^T A^T = (A X A^T)^T
+    x = keras.layers.Permute((2, 1), name=f"{name}_back")(x)  # A X A^T
+    rows.set_weights([a_t])
+    cols.set_weights([a_t])
+    return keras.layers.Reshape((size, size, 1), name=name)(x)
 
 
 def build_ensemble(members: list[tuple[Any, float]], name: str = ENSEMBLE):
@@ -60,7 +93,7 @@ def build_ensemble(members: list[tuple[Any, float]], name: str = ENSEMBLE):
         x = inp
         s = int(m.input_shape[1])
         if s != size:
-            x = keras.layers.Resizing(s, s, interpolation="bilinear", name=f"resize_{i}_{s}")(x)
+            x = antialiased_resize(x, s, name=f"resize_{i}_{s}")
         p = m(x)
         logits = ops.log(ops.clip(ops.cast(p, "float32"), EPS, 1.0)) / float(t)
         outs.append(keras.layers.Activation("softmax", name=f"calibrated_{i}", dtype="float32")(logits))
@@ -199,14 +232,15 @@ def build_and_evaluate(members: list[dict[str, Any]], split_uri: str, out: str, 
 
 def member_heatmaps(model, images: np.ndarray, class_index: np.ndarray, gradcam_fn) -> np.ndarray:
     """Grad-CAM of an ensemble: the mean of its members' maps for the ensemble's class, each member
-    explained on the input it sees (resized as in the model), renormalised to a peak of 1."""
+    explained on the input it sees (resized as in the model: bilinear, antialiased), renormalised
+    to a peak of 1."""
     import tensorflow as tf
 
     n, h, w = images.shape[:3]
     total = np.zeros((n, h, w), "float32")
     for m in members_of(model):
         s = int(m.input_shape[1])
-        x = images if s == h else tf.image.resize(images, (s, s), method="bilinear").numpy()
+        x = images if s == h else tf.image.resize(images, (s, s), method="bilinear", antialias=True).numpy()
         heat = gradcam_fn(m, x, class_index)
         if s != h:
             heat = tf.image.resize(heat[..., None], (h, w), method="bilinear").numpy()[..., 0]

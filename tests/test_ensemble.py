@@ -71,12 +71,13 @@ def test_ensemble_is_the_mean_of_calibrated_members_and_a_stored_slot(members, s
         ("custom_cnn", 32, 0.8),
     ]
 
-    # By hand: each member on its own input (the custom CNN's a bilinear resize of the 48 px image).
+    # By hand: each member on its own input (the custom CNN's an antialiased bilinear resize of the
+    # 48 px image, as training resizes).
     data = load_split_data(small_split)
     xs = np.concatenate([x.numpy() for x, _ in image_dataset(data, "val", size=48, channels=1, batch_size=32)])
     a = load_trained_model(open_store(members[0]["out"]).uri_for("model.keras"))
     b = load_trained_model(open_store(members[1]["out"]).uri_for("model.keras"))
-    small = tf.image.resize(xs, (32, 32), method="bilinear").numpy()
+    small = tf.image.resize(xs, (32, 32), method="bilinear", antialias=True).numpy()
     expected = (_softmax_t(a.predict(xs, verbose=0), 1.7) + _softmax_t(b.predict(small, verbose=0), 0.8)) / 2
     ens = load_trained_model(open_store(out).uri_for("model.keras"))  # safe mode: no Lambda layers
     got = ens.predict(xs, verbose=0)
@@ -108,9 +109,17 @@ def test_ensemble_is_the_mean_of_calibrated_members_and_a_stored_slot(members, s
     again = build_and_evaluate(members, small_split, out)  # complete: read back, never rebuilt
     assert again.status == "cached" and again.val_accuracy == result.val_accuracy
 
-    # One file for phones: the TFLite export gives the same probabilities.
+    # One file for phones: the TFLite export gives the same probabilities, with builtin ops only
+    # (no Flex or custom op: ScaleAndTranslate, behind an antialiased Resizing layer, is not one).
     rec = export_tflite(ens, tmp_path / "ensemble.tflite")
     assert tflite_parity(Path(rec.path), ens, xs[:4]) < 1e-5
+    interpreter = tf.lite.Interpreter(
+        model_path=rec.path,
+        experimental_op_resolver_type=tf.lite.experimental.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    ops = {op["op_name"] for op in interpreter._get_ops_details()}
+    assert {"FULLY_CONNECTED", "TRANSPOSE"} <= ops, ops  # the resize, as fixed matrices
+    assert not [op for op in ops if op.startswith("Flex") or op == "CUSTOM" or "RESIZE" in op], ops
 
     # Grad-CAM of the ensemble: the mean of its members' maps for the ensemble's class, peak 1.
     heat, probs = gradcam_with_probs(ens, xs[:3])
@@ -121,6 +130,30 @@ def test_ensemble_is_the_mean_of_calibrated_members_and_a_stored_slot(members, s
     want = total / np.maximum(total.max(axis=(1, 2), keepdims=True), 1e-12)
     assert heat.shape == (3, 48, 48) and np.abs(heat - want).max() < 1e-4
     assert np.abs(probs - expected[:3]).max() < 1e-5
+
+
+def test_in_graph_resize_is_the_antialiased_resize_training_uses():
+    """The ensemble's resize layers give what covid_models.data gives a member at its size:
+    tf.image.resize(bilinear, antialias=True), on a real X-ray at the largest member's size."""
+    import keras
+    import tensorflow as tf
+
+    from covid_models.data import decode_resize
+    from covid_models.ensemble import antialiased_resize
+    from tests.conftest import sample_files
+
+    path = next(iter(sample_files(1, seed=3).values()))[0]
+    big = decode_resize(str(path), 224, 1).numpy().astype("float32")[None]  # (1, 224, 224, 1), 0-255
+    for size in (160, 64):
+        inp = keras.Input(shape=(224, 224, 1))
+        layer = keras.Model(inp, antialiased_resize(inp, size, name=f"resize_{size}"))
+        got = layer.predict(big, verbose=0)
+        want = tf.image.resize(big, (size, size), method="bilinear", antialias=True).numpy()
+        plain = tf.image.resize(big, (size, size), method="bilinear").numpy()
+        assert got.shape == (1, size, size, 1)
+        assert np.abs(got - want).max() < 1e-2  # float rounding on 0-255 pixels
+        assert np.abs(plain - want).max() > 1.0  # the test can tell an aliased resize apart
+        assert not any(w.trainable for w in layer.weights)  # a fixed map: never trained or fine-tuned
 
 
 def test_build_ensemble_task_picks_the_best_on_validation(members, small_split, tmp_path):
