@@ -23,3 +23,8 @@ def _squash(name: str) -> str:
 def canonical_label(folder_name: str) -> str | None:
     """Map a class folder's name to its canonical label, or None when it is not a class."""
     return _ALIASES.get(_squash(folder_name))
+
+
+# The one label of a negative set's images (X-rays known not to be COVID): what is known of each is
+# only that it is not COVID; its finding folder ("Normal", "Tuberculosis", …) is kept beside it.
+NEGATIVE_LABEL = "not COVID"

@@ -4,6 +4,8 @@ What is checked (each expectation names what it guards in its ``meta``):
 
 * exactly the four classes, each present (under ``missing_classes="allow"``, the ``external``
   profile for someone else's labelled set: no class other than the four, and a class may be absent);
+  under ``kind="negative"`` (the ``negative`` profile, a set known to hold no COVID: see
+  ``covid_data.negative``), every image is labelled "not COVID" and names its finding folder;
 * per-class image counts within the profile's bounds;
 * every file decodes as an image (``error`` is null); under the ``exclude`` policy a small
   fraction may fail, and those files are listed and left out of the split;
@@ -21,7 +23,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from covid_data.labels import CLASSES
+from covid_data.labels import CLASSES, NEGATIVE_LABEL
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,8 @@ class ValidationConfig:
     max_unreadable_fraction: float = 0.01
     # "allow": a class with no images passes (and is reported); for external evaluation sets.
     missing_classes: Literal["fail", "allow"] = "fail"
+    # "negative": a set known to hold no COVID, in finding folders (covid_data.negative).
+    kind: Literal["labelled", "negative"] = "labelled"
 
     @classmethod
     def around(cls, counts: dict[str, int], tolerance: float, **kw: Any) -> ValidationConfig:
@@ -53,6 +57,8 @@ class ValidationConfig:
         d = asdict(self)
         if d["missing_classes"] == "fail":  # the default leaves the fingerprints of earlier profiles as they were
             del d["missing_classes"]
+        if d["kind"] == "labelled":  # likewise
+            del d["kind"]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -70,6 +76,14 @@ PROFILES: dict[str, ValidationConfig] = {
         image_size=None,
         max_unreadable_fraction=1.0,
         missing_classes="allow",
+    ),
+    # A negative set (`--negative`): any finding folders, any size; undecodable files reported, left out.
+    "negative": ValidationConfig(
+        class_bounds={NEGATIVE_LABEL: (1, 10**9)},
+        image_size=None,
+        max_unreadable_fraction=1.0,
+        missing_classes="allow",
+        kind="negative",
     ),
 }
 
@@ -141,24 +155,37 @@ class ValidationReport:
         return json.dumps(d, indent=2, default=str, sort_keys=True)
 
 
+def _class_expectation(E: Any, cfg: ValidationConfig) -> tuple[Any, str, str]:
+    """The labelled profiles' first check: the four classes (a class may be absent where allowed)."""
+    if cfg.missing_classes == "fail":
+        return (
+            E.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=list(CLASSES)),
+            "exactly the four classes, each present",
+            "critical",
+        )
+    return (
+        E.ExpectColumnValuesToBeInSet(column="label", value_set=list(CLASSES)),
+        "only the four classes (a class may be absent; other class folders are left out)",
+        "warning",
+    )
+
+
 def _expectations(cfg: ValidationConfig, n_rows: int) -> list[tuple[Any, str, str]]:
     """(expectation, description, severity) in the suite's order."""
     import great_expectations as gx
 
     E = gx.expectations
-    items: list[tuple[Any, str, str]] = [
-        (
-            E.ExpectColumnDistinctValuesToEqualSet(column="label", value_set=list(CLASSES)),
-            "exactly the four classes, each present",
-            "critical",
-        )
-        if cfg.missing_classes == "fail"
-        else (
-            E.ExpectColumnValuesToBeInSet(column="label", value_set=list(CLASSES)),
-            "only the four classes (a class may be absent; other class folders are left out)",
-            "warning",
-        ),
-    ]
+    if cfg.kind == "negative":
+        items: list[tuple[Any, str, str]] = [
+            (
+                E.ExpectColumnValuesToBeInSet(column="label", value_set=[NEGATIVE_LABEL]),
+                f"every image labelled {NEGATIVE_LABEL!r} (a negative set)",
+                "critical",
+            ),
+            (E.ExpectColumnValuesToNotBeNull(column="finding"), "every image in a finding folder", "critical"),
+        ]
+    else:
+        items = [_class_expectation(E, cfg)]
     for label, (lo, hi) in sorted(cfg.class_bounds.items()):
         items.append(
             (
@@ -241,10 +268,11 @@ def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig) -> Validati
             "expect_column_distinct_values_to_equal_set",
             "expect_column_values_to_be_in_set",
         ):
+            allowed = [NEGATIVE_LABEL] if cfg.kind == "negative" else list(CLASSES)
             present = sorted(map(str, df["label"].unique()))
-            unknown = df[~df["label"].isin(CLASSES)]
+            unknown = df[~df["label"].isin(allowed)]
             observed = (
-                f"classes {present}; missing {sorted(set(CLASSES) - set(present))}; "
+                f"classes {present}; missing {sorted(set(allowed) - set(present))}; "
                 f"unexpected {sorted(map(str, unknown['label'].unique()))}"
             )
             examples = list(unknown["path"].head(50))
@@ -264,7 +292,9 @@ def validate_manifest(manifest: pd.DataFrame, cfg: ValidationConfig) -> Validati
         )
     bad = manifest[manifest["error"].notna()]
     excluded = [{"path": p, "error": e} for p, e in zip(bad["path"], bad["error"], strict=True)]
-    counts = {str(k): int(v) for k, v in manifest["label"].value_counts().sort_index().items()}
+    # A negative set's images are counted by finding folder (its one label says little).
+    by = "finding" if cfg.kind == "negative" and "finding" in manifest.columns else "label"
+    counts = {str(k): int(v) for k, v in manifest[by].value_counts().sort_index().items()}
     report = ValidationReport(
         success=not any(not f.success and f.severity == "critical" for f in findings),
         findings=findings,

@@ -24,6 +24,9 @@ last. ``<model key>`` is ``<split hash>/<slot name>``: it mirrors the slot's pla
 key leaves the split out). Settings other than the defaults get a sibling folder
 (``<dataset version>-with-duplicates``, ``-d<bits>``). A complete evaluation is returned as it is
 and never recomputed; an incomplete one is replaced.
+
+A *negative* set (X-rays known not to be COVID, in finding folders) is scored by
+``covid_eval.negative`` with the pieces here; its unit is ``<dataset version>-negative``.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import numpy as np
 import pandas as pd
 
 from covid_data.dataset import default_cache_dir, fetch_dataset, load_manifest
-from covid_data.labels import CLASSES
+from covid_data.labels import CLASSES, NEGATIVE_LABEL
 from covid_data.split import SplitRef
 from covid_data.store import Store, Unit, as_store, open_store
 from covid_data.validation import DataValidationError, get_profile, validate_manifest
@@ -55,7 +58,9 @@ from covid_eval.duplicates import (
     training_images,
 )
 from covid_eval.external_metrics import compare_to_test, external_metrics
-from covid_eval.external_report import MARKER, clean_json, report_markdown, summary
+from covid_eval.external_report import MARKER, clean_json, report_markdown
+from covid_eval.external_report import summary as labelled_summary
+from covid_eval.negative_report import external_set, negative_summary
 from covid_models.describe import describe_weights
 from covid_models.metrics import plot_confusion
 from covid_models.stored import ModelLoadError, StoredModel
@@ -154,29 +159,34 @@ def ingest(source: str, store: str, *, cache_dir: str | None = None, kaggle_cred
     return ref.to_dict()
 
 
-def validate_external(store: str, version: str) -> dict[str, Any]:
-    """The ``external`` profile over the version's manifest: the result and summary go beside the
-    version's other validations; a critical failure raises. Missing classes, unknown class folders
-    and undecodable files are reported, not errors."""
+def stored_validation(store: str, version: str, profile: str) -> tuple[pd.DataFrame, Any, str]:
+    """(manifest, report, result URI) of ``profile`` over the version's manifest: the result and
+    summary go beside the version's other validations; a critical failure raises."""
     st = open_store(store)
     manifest = load_manifest(st, version)
-    cfg = get_profile(PROFILE)
+    cfg = get_profile(profile)
     report = validate_manifest(manifest, cfg)
-    prefix = f"datasets/{version}/validation/{PROFILE}-{cfg.fingerprint()}"
+    prefix = f"datasets/{version}/validation/{profile}-{cfg.fingerprint()}"
     where = st.uri_for(f"datasets/{version}")
-    summary = report.summary_markdown(where)
     # Derived and re-derivable, as prepare-data's validations: replacing one never touches the data.
     st.put_text(f"{prefix}/result.json", report.to_json(), overwrite=True)
-    st.put_text(f"{prefix}/summary.md", summary, overwrite=True)
+    st.put_text(f"{prefix}/summary.md", report.summary_markdown(where), overwrite=True)
     if not report.success:
         raise DataValidationError(report.failure_message(where) + f"\nfull report: {st.uri_for(prefix)}")
+    return manifest, report, st.uri_for(f"{prefix}/result.json")
+
+
+def validate_external(store: str, version: str) -> dict[str, Any]:
+    """The ``external`` profile over the version's manifest (:func:`stored_validation`). Missing
+    classes, unknown class folders and undecodable files are reported, not errors."""
+    manifest, report, result_uri = stored_validation(store, version, PROFILE)
     labels = manifest["label"].astype(str)
     counts = {c: int((labels == c).sum()) for c in CLASSES}
     unknown = manifest[~labels.isin(CLASSES)]
     bad = manifest[manifest["error"].notna() & labels.isin(CLASSES)]
     return {
         "version": version,
-        "result_uri": st.uri_for(f"{prefix}/result.json"),
+        "result_uri": result_uri,
         "n_images": len(manifest),
         "class_counts": counts,
         "missing_classes": [c for c in CLASSES if counts[c] == 0],
@@ -186,9 +196,13 @@ def validate_external(store: str, version: str) -> dict[str, Any]:
     }
 
 
-def usable_rows(store: str, version: str) -> pd.DataFrame:
-    """Rows that can be scored: one of the four classes, and the file decodes."""
+def usable_rows(store: str, version: str, *, negative: bool = False) -> pd.DataFrame:
+    """Rows that can be scored: one of the four classes (``negative``: any finding folder of a
+    negative set, with its ``finding``), and the file decodes."""
     m = load_manifest(open_store(store), version)
+    if negative:
+        keep = (m["label"].astype(str) == NEGATIVE_LABEL) & m["error"].isna()
+        return m.loc[keep, ["path", "label", "sha256", "phash", "finding"]].reset_index(drop=True)
     keep = m["label"].astype(str).isin(CLASSES) & m["error"].isna()
     return m.loc[keep, ["path", "label", "sha256", "phash"]].reset_index(drop=True)
 
@@ -223,9 +237,14 @@ def evaluation_prefix(
     *,
     include_duplicates: bool = False,
     near_dup_distance: int = DEFAULT_NEAR_DUP_DISTANCE,
+    negative: bool = False,
 ) -> str:
-    tags = (["with-duplicates"] if include_duplicates else []) + (
-        [f"d{near_dup_distance}"] if near_dup_distance != DEFAULT_NEAR_DUP_DISTANCE else []
+    # A negative set's version already differs from the same folder's labelled one (its label is
+    # hashed in); the tag also says so in the key, so the two evaluations can never share a unit.
+    tags = (
+        (["negative"] if negative else [])
+        + (["with-duplicates"] if include_duplicates else [])
+        + ([f"d{near_dup_distance}"] if near_dup_distance != DEFAULT_NEAR_DUP_DISTANCE else [])
     )
     return f"evaluations/{model_key}/{version}" + "".join(f"-{t}" for t in tags)
 
@@ -282,6 +301,7 @@ def write_evaluation(
     record = clean_json(
         {
             "kind": "external-evaluation",
+            "set_kind": "labelled",
             "uri": unit.uri,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "model": model.identity(),
@@ -326,18 +346,27 @@ def write_evaluation(
             metrics["confusion_matrix"], f"{model.model} on {version} (n={metrics['n']})", Path(tmp) / "confusion.png"
         )
         unit.put_file("confusion.png", png)
-    unit.put_text("duplicates.csv", _csv(duplicates))
-    unit.put_text("predictions.csv", _csv(pred))
+    unit.put_text("duplicates.csv", csv_text(duplicates))
+    unit.put_text("predictions.csv", csv_text(pred))
     unit.put_text("report.md", report)
     if not unit.complete(record):
         log.info("another attempt completed %s first; its evaluation stands", unit.uri)
     return unit.record() or record
 
 
-def _csv(df: pd.DataFrame) -> str:
+def csv_text(df: pd.DataFrame) -> str:
     buf = io.StringIO()
     df.to_csv(buf, index=False, quoting=csv.QUOTE_MINIMAL)
     return buf.getvalue()
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """The small record of an evaluation of either kind (records written before negative sets
+    existed are labelled ones)."""
+    if record.get("set_kind") == "negative":
+        return negative_summary(record)
+    named = external_set(record["dataset"].get("source") or "")
+    return {**labelled_summary(record), "set_kind": "labelled", "name": named["name"], "about": named["about"]}
 
 
 def read_report(record: dict[str, Any]) -> str:
@@ -355,9 +384,11 @@ def score_set(
     include_duplicates: bool = False,
     near_dup_distance: int = DEFAULT_NEAR_DUP_DISTANCE,
     cache_dir: str | None = None,
+    negative: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
-    """(duplicates, scored rows, probabilities) of the set's usable images."""
-    rows = usable_rows(store, version)
+    """(duplicates, scored rows, probabilities) of the set's usable images (``negative``: of a
+    negative set, every finding folder's)."""
+    rows = usable_rows(store, version, negative=negative)
     if rows.empty:
         raise EvaluationError(
             f"dataset {version} in {open_store(store).uri} has no image that can be scored "
