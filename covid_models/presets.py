@@ -11,7 +11,10 @@
 
 :func:`plan_models` turns a preset into one resolved training config per model that can train (and
 a skip record, with the reason, per transfer model without its ImageNet file); each config's
-``out`` is the model's slot, keyed by covid_models.train_config.slot_key.
+``out`` is the model's slot, keyed by covid_models.train_config.slot_key. Its ``device`` is the one
+this process would train on (covid_models.strategy.probe_device: ``COVID_DEVICE``, else what it
+finds); :func:`for_device` re-keys a planned config for trainings sent elsewhere (a deployment on
+a TPU host).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from covid_data.store import open_store
 from covid_models.builders import MODEL_NAMES, is_transfer
+from covid_models.strategy import AUTO, probe_device
 from covid_models.train_config import TrainConfig, slot_key
 from covid_models.weights import MissingWeightsError, local_imagenet
 
@@ -153,6 +157,7 @@ def plan_models(
     if unknown:
         raise ValueError(f"overrides name models that are not selected: {unknown}")
     out, skipped = [], []
+    device = probe_device() if models else AUTO  # once per plan: it may import TensorFlow
     for name in models:
         chosen = {**preset.overrides.get(name, {}), **overrides.get(name, {})}
         size = chosen.get("input_size", preset.input_size)
@@ -175,6 +180,7 @@ def plan_models(
                 "batch_size": preset.batch_size,
                 "patience": preset.patience,
                 "max_per_class": preset.max_per_class,
+                "device": device,  # an override may name another (where the model trains)
                 **chosen,
                 "weights": weights,  # as resolved by the policy
             }
@@ -182,6 +188,20 @@ def plan_models(
         cfg.out = open_store(store).uri_for(f"models/{split_hash}/{name}-{slot_key(cfg)}")
         out.append(asdict(cfg))
     return out, skipped
+
+
+def for_device(config: dict[str, Any], device: str) -> dict[str, Any]:
+    """A planned config (a TrainConfig dict) for training on ``device`` (``cpu``, ``gpu``,
+    ``multi-gpu:N``, ``tpu:N``): the device set and the slot re-keyed next to the planned one
+    (``<model>-<key>`` in the same folder). Unchanged when it is already for that device."""
+    cfg = TrainConfig.from_dict({**config, "device": device})
+    if cfg.device == TrainConfig.from_dict(config).device:
+        return config
+    if cfg.device == AUTO:
+        raise ValueError(f"{cfg.model}: a planned config needs a device, not {AUTO!r}")
+    folder = str(config["out"]).rstrip("/").rsplit("/", 1)[0]
+    cfg.out = f"{folder}/{cfg.model}-{slot_key(cfg)}"
+    return asdict(cfg)
 
 
 def model_configs(

@@ -21,7 +21,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,8 @@ from covid_models.data import global_batch_size, image_dataset, load_split_data
 from covid_models.feature_cache import compute_features
 from covid_models.metrics import classification_metrics, plot_confusion, plot_history
 from covid_models.stored import MARKER, model_slot
-from covid_models.strategy import select_strategy
-from covid_models.train_config import TrainConfig, resolve_weights, training_identity
+from covid_models.strategy import check_device, select_strategy
+from covid_models.train_config import TrainConfig, library_versions, resolve_weights, training_identity
 
 __all__ = ["MARKER", "TrainConfig", "TrainResult", "cached_result", "model_slot", "train_model"]
 
@@ -185,7 +185,18 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     keras.utils.set_random_seed(cfg.seed)
     choice = select_strategy()
+    # Before anything is written: a slot keyed for one device is never trained on another. A config
+    # left at "auto" (the CLI with an explicit --out) is recorded as the device it trained on.
+    cfg = replace(cfg, device=check_device(cfg.device, choice))
     batch = cfg.batch_size or global_batch_size(choice.replicas)
+    runtime = {
+        "device": choice.device,
+        "kind": choice.kind,
+        "replicas": choice.replicas,
+        "global_batch_size": batch,
+        "mixed_precision": choice.mixed_precision,
+        **library_versions(),
+    }
     data = load_split_data(cfg.split, cache, cfg.max_per_class)
     log.info(
         "training %s at %dpx on %s images (batch %d, %s)",
@@ -267,14 +278,15 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         probs = _predict_images(model, cfg, data, cache, batch)
 
     metrics = {s: classification_metrics(p, data.files(s)[1]) for s, p in probs.items()}
-    return _publish(slot, cfg, model, history, metrics, train_seconds, feature_seconds, choice.kind, scratch)
+    return _publish(slot, cfg, model, history, metrics, train_seconds, feature_seconds, runtime, scratch)
 
 
 def _publish(
-    slot: Unit, cfg, model, history, metrics, train_seconds, feature_seconds, device, scratch: list[Checkpoints]
+    slot: Unit, cfg, model, history, metrics, train_seconds, feature_seconds, runtime, scratch: list[Checkpoints]
 ) -> TrainResult:
     """Write the slot's artefacts (replacing an interrupted attempt's), drop the checkpoints,
-    then the completion marker."""
+    then the completion marker. ``runtime`` is where it trained: device, replicas, global batch,
+    mixed precision, TensorFlow and Keras versions (for the cards)."""
     with tempfile.TemporaryDirectory(prefix="covid-train-") as tmp:
         tmp = Path(tmp)
         model_path = tmp / "model.keras"
@@ -306,7 +318,7 @@ def _publish(
             file_bytes=model_path.stat().st_size,
             train_seconds=round(train_seconds, 2),
             epochs=len(history),
-            extra={"feature_seconds": round(feature_seconds, 2), "device": device},
+            extra={"feature_seconds": round(feature_seconds, 2), "device": runtime["kind"], "runtime": runtime},
         )
     for ckpt in scratch:  # before the marker: a complete slot holds only its artefacts
         ckpt.clear()
@@ -315,6 +327,7 @@ def _publish(
         "config": asdict(cfg),
         "identity": training_identity(cfg),
         "weights": resolve_weights(cfg),
+        "runtime": runtime,
         "classes": list(CLASSES),
         "metrics": json.loads(json.dumps(metrics, default=float)),
     }

@@ -2,9 +2,13 @@
 
 A trained model is stored at ``models/<split hash>/<model>-<key>/`` and reused whenever the key
 matches. The key hashes the *fully resolved* settings (every field, defaults included), the
-checksum of the weights file that will actually be loaded, and a fingerprint of the training
-code, so a changed default, a different weights file or new training code never reuses a model
-trained under the old ones.
+checksum of the weights file that will actually be loaded, a fingerprint of the training code and
+the TensorFlow and Keras versions, so a changed default, a different weights file or new training
+code never reuses a model trained under the old ones. The settings include the device the model
+trains on (``device``: ``cpu:1``, ``gpu:1``, ``multi-gpu:N``, ``tpu:N``; covid_models.strategy),
+resolved from ``auto`` when the configs are planned: a TPU training and a CPU training of the same
+settings are different models in different slots, and the training refuses to run on a device other
+than its config's.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 from covid_models.augment import RECIPES
 from covid_models.builders import MODEL_NAMES, is_transfer
+from covid_models.strategy import AUTO, canonical_device, resolve_device
 from covid_models.weights import keras_file_names, resolve_imagenet
 
 # Settings that say where things are, not what is trained.
@@ -31,6 +36,7 @@ _TRAINING_CODE = (
     "data.py",
     "metrics.py",
     "feature_cache.py",
+    "strategy.py",  # distribution and mixed precision
     "train.py",
     "train_config.py",
 )
@@ -58,6 +64,9 @@ HELP: dict[str, str] = {
     "max_per_class": "at most this many images per class and split (quick runs; the test set is then capped)",
     "cache_dir": "local cache of decoded images, features and staged files (default ~/.cache/covid-xray)",
     "seed": "random seed of initialisation, shuffling and augmentation",
+    "device": "the hardware this training is for, part of its slot key: auto (what this process selects: "
+    "COVID_DEVICE, else TPU variables, else the GPUs), cpu, gpu, multi-gpu:N or tpu:N (N replicas); a training "
+    "that selects another device stops with an error",
     "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch",
 }
 
@@ -88,10 +97,13 @@ class TrainConfig:
     max_per_class: int | None = None  # at most this many images per class and split (quick runs)
     cache_dir: str | None = None
     seed: int = 42
+    # "cpu:1" | "gpu:1" | "multi-gpu:N" | "tpu:N", or "auto": what this process would select
+    # (resolved when configs are planned; the slot key never hashes "auto")
+    device: str = AUTO
     verbose: int = 2  # Keras progress: 2 = one line per epoch (readable in Prefect logs)
 
     def __post_init__(self):
-
+        self.device = canonical_device(self.device)  # one spelling per device: "gpu" and "gpu:1" share a key
         if self.augment_recipe not in RECIPES:
             raise ValueError(f"unknown augment_recipe {self.augment_recipe!r}; choose from {RECIPES}")
         if self.model not in MODEL_NAMES:
@@ -166,9 +178,16 @@ def _version(package: str) -> str | None:
         return None
 
 
+def library_versions() -> dict[str, str | None]:
+    """The installed TensorFlow and Keras versions (part of the slot key, recorded with each model)."""
+    return {name: _version(name) for name in ("tensorflow", "keras")}
+
+
 def training_identity(cfg: TrainConfig) -> dict[str, Any]:
     """Everything that decides what a training produces (hashed into the slot key)."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_TRAINING}
+    # A config built without planning ("auto") is keyed on the device this process would select.
+    settings["device"] = resolve_device(cfg.device)
     weights = resolve_weights(cfg)
     return {
         "model": cfg.model,
@@ -176,7 +195,7 @@ def training_identity(cfg: TrainConfig) -> dict[str, Any]:
         "weights": {"kind": weights["kind"], "sha256": weights["sha256"]},
         "code": code_version(),
         # The same code on another TensorFlow or Keras can train differently (kernels, defaults).
-        "runtime": {name: _version(name) for name in ("tensorflow", "keras")},
+        "runtime": library_versions(),
     }
 
 

@@ -1,4 +1,5 @@
-"""The model slot key cannot go stale, and the training CLI explains every flag."""
+"""The model slot key cannot go stale (settings, weights, code, libraries and the device it trains
+on), a training refuses hardware other than its config's, and the training CLI explains every flag."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from covid_models import train_config
+from covid_models import strategy, train_config
 from covid_models.cli import parser
-from covid_models.presets import get_preset, model_configs
+from covid_models.presets import for_device, get_preset, model_configs
 from covid_models.train_config import TrainConfig, slot_key, training_identity
 
 
@@ -105,3 +106,55 @@ def test_cached_pixels_and_features_are_keyed_on_the_code_that_made_them(tmp_pat
     first = feature_cache.feature_path(tmp_path, split, cfg, "train")
     monkeypatch.setattr(feature_cache, "code_version", lambda: "changed-code")
     assert feature_cache.feature_path(tmp_path, split, cfg, "train") != first
+
+
+def test_key_differs_by_device_kind_and_replica_count():
+    devices = ("cpu:1", "gpu:1", "multi-gpu:2", "multi-gpu:4", "tpu:4", "tpu:8")
+    keys = {d: slot_key(_cfg(device=d)) for d in devices}
+    assert len(set(keys.values())) == len(devices)  # a TPU model is never reused as a CPU one
+    assert {d: slot_key(_cfg(device=d)) for d in devices} == keys  # the same device, the same slot
+    # One spelling per device: the same hardware never splits into two slots.
+    assert slot_key(_cfg(device="cpu")) == keys["cpu:1"] and slot_key(_cfg(device="GPU")) == keys["gpu:1"]
+    assert slot_key(_cfg(device="gpu:2")) == keys["multi-gpu:2"]
+    assert training_identity(_cfg(device="tpu:8"))["settings"]["device"] == "tpu:8"
+    with pytest.raises(ValueError, match="needs its replica count, e.g. tpu:8"):
+        _cfg(device="tpu")  # a TPU's replica count changes the batch: it must be said
+
+
+def test_planned_configs_carry_the_device_and_re_key_for_another(monkeypatch, tmp_path):
+    p, store = get_preset("smoke"), str(tmp_path)
+    monkeypatch.setenv("COVID_DEVICE", "tpu:8")  # what a TPU worker's environment says
+    (on_tpu,) = model_configs(p, "split-uri", "abc", store, ["custom_cnn"])
+    assert on_tpu["device"] == "tpu:8" and on_tpu["out"].endswith(f"/custom_cnn-{slot_key(TrainConfig(**on_tpu))}")
+    assert slot_key(_cfg()) == slot_key(_cfg(device="tpu:8"))  # "auto" is keyed on what this process selects
+    monkeypatch.delenv("COVID_DEVICE")
+    (here,) = model_configs(p, "split-uri", "abc", store, ["custom_cnn"])
+    assert here["device"] == strategy.probe_device() != "tpu:8" and here["out"] != on_tpu["out"]
+    # Sent to a deployment on a TPU host, the config moves to the slot a TPU plan gives it.
+    assert for_device(here, "tpu:8") == on_tpu
+    assert for_device(on_tpu, "tpu:8") is on_tpu
+    (tpu_override,) = model_configs(p, "split-uri", "abc", store, ["custom_cnn"], {"custom_cnn": {"device": "tpu:8"}})
+    assert tpu_override == on_tpu
+
+
+def test_a_training_refuses_hardware_other_than_its_configs(monkeypatch, tmp_path):
+    import keras
+    import tensorflow as tf
+
+    from covid_models import train
+
+    here = strategy.probe_device()
+    out = tmp_path / "slot"
+    # A config planned for a TPU, on this machine: the real strategy selection finds other hardware.
+    cfg = TrainConfig(model="custom_cnn", split="never-read", out=str(out), weights="none", device="tpu:8")
+    try:
+        with pytest.raises(strategy.DeviceMismatchError, match=rf"for device tpu:8 .*selected {here}"):
+            train.train_model(cfg)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")  # one GPU: select_strategy sets mixed precision
+    # The fault this machine cannot cause: a "cpu" slot on a TPU host.
+    on_tpu = strategy.StrategyChoice(tf.distribute.get_strategy(), "tpu", 8, False)
+    monkeypatch.setattr(train, "select_strategy", lambda: on_tpu)
+    with pytest.raises(strategy.DeviceMismatchError, match=r"for device cpu:1 .*selected tpu:8 .*COVID_DEVICE=tpu:8"):
+        train.train_model(dataclasses.replace(cfg, device="cpu"))
+    assert not out.exists() or not any(out.rglob("*"))  # refused before anything was written
