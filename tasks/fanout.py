@@ -13,6 +13,12 @@ The others train either
 Either way a failed model becomes a failed record and never stops the others, and a cancelled
 parent (a Prefect cancellation, a TerminationSignal, KeyboardInterrupt) takes its trainings along.
 
+A model's slot is keyed on the device it trains on, planned in the flow's process. A deployment
+whose environment sets ``COVID_DEVICE`` (its job variables, else its work pool's default ``env``:
+``tpu:4`` for ``vertex-tpu``) trains on that device, so its models are re-keyed for it before the
+store is checked; a deployment without it is taken to train on the flow's own device (its training
+stops with an error naming both when it does not).
+
 Records, one per config and in the order of the configs: a model trained or reused is
 ``TrainResult.to_dict()`` (``status`` ``"trained"`` or ``"cached"``); a model that failed is
 ``{"model": ..., "status": "failed", "error": ..., "out": ...}``.
@@ -32,11 +38,13 @@ from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.states import Cancelled, Cancelling, Completed, State
 
+from covid_models.presets import for_device
 from covid_models.runner import kill_all_trainings
+from covid_models.strategy import DEVICE_ENV
 from covid_models.train import TrainConfig, cached_result
 from tasks.training import default_model_deadline_s, train_model
 
-__all__ = ["train_models", "reuse_model", "failed_record", "on_dask"]
+__all__ = ["train_models", "reuse_model", "failed_record", "on_dask", "deployment_env_device"]
 
 
 def on_dask(flow: Flow, address: str | None) -> Flow:
@@ -85,6 +93,8 @@ def train_models(
     if flow_ctx is None or flow_ctx.flow_run is None:
         raise RuntimeError("train_models must be called inside a running Prefect flow")
     logger = get_run_logger()
+    if deployment:
+        configs = _for_deployment_device(configs, deployment, logger)
     records: list[dict[str, Any] | None] = [None] * len(configs)
     todo: list[int] = []
     for i, cfg in enumerate(configs):
@@ -122,6 +132,33 @@ def train_models(
         for i, rec in zip(todo, done, strict=True):
             records[i] = rec
     return [r for r in records if r is not None]
+
+
+def deployment_env_device(base_job_template: dict[str, Any] | None, job_variables: dict[str, Any] | None) -> str | None:
+    """``COVID_DEVICE`` in a deployment's environment: its ``job_variables["env"]`` over its work
+    pool's default ``env`` (the deployment's keys win); None when neither sets it."""
+    props = ((base_job_template or {}).get("variables") or {}).get("properties") or {}
+    env = {**((props.get("env") or {}).get("default") or {}), **((job_variables or {}).get("env") or {})}
+    return (env.get(DEVICE_ENV) or "").strip() or None
+
+
+def _for_deployment_device(configs: list[dict[str, Any]], deployment: str, logger) -> list[dict[str, Any]]:
+    """The configs re-keyed for the device ``deployment`` declares (unchanged when it declares none)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment_by_name(deployment)
+        template = client.read_work_pool(dep.work_pool_name).base_job_template if dep.work_pool_name else None
+    device = deployment_env_device(template, dep.job_variables)
+    if device is None:
+        return configs
+    moved = [for_device(c, device) for c in configs]
+    changed = {c["model"]: c["out"] for c, old in zip(moved, configs, strict=True) if c is not old}
+    if changed:
+        logger.info(
+            "%s trains on %s (its %s): model slots for that device: %s", deployment, device, DEVICE_ENV, changed
+        )
+    return moved
 
 
 # -- on this flow's task runner --------------------------------------------------------------
