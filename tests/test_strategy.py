@@ -68,7 +68,7 @@ def test_a_deployment_declares_its_device_in_its_environment():
     assert deployment_env_device(None, {"env": {"COVID_DEVICE": " gpu:1 "}}) == "gpu:1"
 
 
-def test_a_trained_slot_records_where_it_trained(small_split, tmp_path):
+def test_a_trained_slot_records_where_it_trained(small_split, tmp_path, monkeypatch):
     import keras
     import tensorflow as tf
 
@@ -87,6 +87,7 @@ def test_a_trained_slot_records_where_it_trained(small_split, tmp_path):
         cache_dir=str(tmp_path / "cache"),
         verbose=0,
     )  # device "auto", as `python -m covid_models.train` with an explicit --out
+    monkeypatch.delenv("COVID_DEVICE", raising=False)
     try:
         result = train_model(cfg)
     finally:

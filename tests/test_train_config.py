@@ -143,6 +143,7 @@ def test_a_training_refuses_hardware_other_than_its_configs(monkeypatch, tmp_pat
 
     from covid_models import train
 
+    monkeypatch.delenv("COVID_DEVICE", raising=False)  # what the hardware is, not what an environment says
     here = strategy.probe_device()
     out = tmp_path / "slot"
     # A config planned for a TPU, on this machine: the real strategy selection finds other hardware.
