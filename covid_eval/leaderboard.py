@@ -95,14 +95,29 @@ def leaderboard(records: list[dict[str, Any]], rank_by: str = "val_accuracy") ->
 _DECIMALS = {"file_mb": 1, "train_seconds": 0}
 
 
-def with_columns(board: dict[str, Any], values: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def with_columns(
+    board: dict[str, Any],
+    values: dict[str, dict[str, Any]],
+    *,
+    after: str | None = None,
+    notes: list[str] | None = None,
+) -> dict[str, Any]:
     """The leaderboard record (``rows``, ``markdown``) with extra columns per model (external sets,
-    shortcut scores), added after the ranking: they never change it."""
+    shortcut scores), added after the ranking: they never change it. They go at the end, or just
+    after the column ``after`` (external figures beside the test ones); ``notes`` (what the columns
+    are) go under the table, and stay there as later columns are added."""
     extra = list(dict.fromkeys(c for v in values.values() for c in v))
     rows = [{**r, **{c: values.get(r["model"], {}).get(c) for c in extra}} for r in board["rows"]]
     known = [c for c in board["rows"][0] if c in rows[0]] if rows else list(COLUMNS)
-    cols = [*known, *[c for c in extra if c not in known]]
-    return {**board, "rows": rows, "markdown": to_markdown(pd.DataFrame(rows, columns=cols), cols)}
+    new = [c for c in extra if c not in known]
+    at = known.index(after) + 1 if after in known else len(known)
+    cols = [*known[:at], *new, *known[at:]]
+    # The rows keep the column order, so that the next call (and leaderboard.csv) keeps it too.
+    rows = [{c: r.get(c) for c in cols} for r in rows]
+    kept = [*board.get("notes", []), *(notes or [])]
+    table = to_markdown(pd.DataFrame(rows, columns=cols), cols)
+    markdown = table + ("\n" + "\n".join(f"- {n}" for n in kept) + "\n" if kept else "")
+    return {**board, "rows": rows, "markdown": markdown, **({"notes": kept} if kept else {})}
 
 
 def to_markdown(board: pd.DataFrame, columns: list[str] | None = None) -> str:

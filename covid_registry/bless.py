@@ -22,6 +22,13 @@ decision carries a reason and a rule code):
    of the 95% interval of the paired difference (Agresti and Min) above ``-covid_noninferiority_margin``
    (default 0.05; ``covid_noninferiority``; off with ``None``).
 
+After these, two optional gates on the external sets (``covid_eval.external``, ``covid_eval.negative``)
+may withdraw a blessing: the challenger's accuracy on every labelled set must reach
+``external_floor`` (``external_floor``), and its COVID false-alarm rate (the share of images called
+COVID) on every negative set, X-rays known not to be COVID, must not exceed
+``external_false_alarm_ceiling`` (``external_false_alarm_ceiling``). A withdrawn blessing keeps the
+champion; the run is still published.
+
 A champion whose stored model or split cannot be read is never replaced silently
 (``champion_unreadable``; ``challenger_unreadable`` when it is the challenger's model or split that
 fails), and a comparison with no images left after leaving out what the champion has seen
@@ -244,8 +251,10 @@ def bless(
 def external_gate(
     blessing: dict[str, Any] | None, externals: list[dict[str, Any]], floor: float | None
 ) -> dict[str, Any] | None:
-    """The blessing, withdrawn when the challenger's accuracy on an external set is below ``floor``
-    (rule ``external_floor``). ``externals`` are the challenger's evaluations (external_eval.summary)."""
+    """The blessing, withdrawn when the challenger's accuracy on a labelled external set is below
+    ``floor`` (rule ``external_floor``). ``externals`` are the challenger's evaluations
+    (``covid_eval.external.summary``); negative sets have no accuracy and are the ceiling's."""
+    externals = [e for e in externals if e.get("set_kind", "labelled") == "labelled"]
     if blessing is None or floor is None or not blessing.get("blessed"):
         return blessing
     low = [e for e in externals if e.get("accuracy") is None or e["accuracy"] < floor]
@@ -257,4 +266,32 @@ def external_gate(
         "blessed": False,
         "rule": "external_floor",
         "reason": f"external accuracy below the floor {floor:.4f} on {worst}",
+    }
+
+
+def false_alarm_gate(
+    blessing: dict[str, Any] | None, externals: list[dict[str, Any]], ceiling: float | None
+) -> dict[str, Any] | None:
+    """The blessing, withdrawn when the challenger's COVID false-alarm rate on a negative external
+    set (X-rays known not to be COVID) is above ``ceiling`` (rule ``external_false_alarm_ceiling``).
+    The point estimate is compared: its interval is in the evaluation, beside it. With no negative
+    set there is nothing to check, and the blessing stands (as ``external_floor`` without sets)."""
+    negatives = [e for e in externals if e.get("set_kind") == "negative"]
+    if blessing is None or ceiling is None or not blessing.get("blessed"):
+        return blessing
+    high = [e for e in negatives if e.get("false_alarm_rate") is None or e["false_alarm_rate"] > ceiling]
+    checked = [{k: e.get(k) for k in ("source", "name", "false_alarm_rate", "false_alarm_ci95")} for e in negatives]
+    if not high:
+        return {**blessing, "external_false_alarms": checked}
+    worst = ", ".join(
+        f"{e.get('name') or e['source']}: {_fmt(e.get('false_alarm_rate'))} "
+        f"({e.get('covid_predicted')} of {e.get('n')} called COVID)"
+        for e in high
+    )
+    return {
+        **blessing,
+        "blessed": False,
+        "rule": "external_false_alarm_ceiling",
+        "reason": f"COVID false-alarm rate above the ceiling {ceiling:.4f} on X-rays known not to be COVID: {worst}",
+        "external_false_alarms": checked,
     }

@@ -35,6 +35,7 @@ from tasks.models import (
     export_models,
     external_columns,
     external_evaluations,
+    external_notes,
     rank_models,
     shortcut_columns,
     top_models,
@@ -106,8 +107,9 @@ def retrain(
         clock.lap("train")
         board = rank_models(records, training.rank_by, run)
         top = top_models(board["rows"], records, needed)
-        externals = external_evaluations(records, promotion.external_sources, store, data.kaggle_secret_block)
-        board = with_columns(board, external_columns(externals))
+        externals = external_evaluations(records, promotion.external_sets(), store, data.kaggle_secret_block)
+        ext_columns, ext_notes = external_columns(externals), external_notes(externals)
+        board = with_columns(board, ext_columns, after="test_covid_sensitivity", notes=ext_notes)
         # The challenger as the champion registry records it, read from its model slot.
         candidate = candidate_record(run, top[0]["out"], preset=p.name) if top else None
         blessing = bless_challenger(
@@ -119,9 +121,9 @@ def retrain(
         explain = explain_models(store, run, split, top, max_per_class=p.max_per_class)
         board = with_columns(board, shortcut_columns(explain))
         clock.lap("explain")
-        published = publish_run(store, run, dataset, board, records, exports, blessing, explain)
+        published = publish_run(store, run, dataset, board, records, exports, blessing, explain, externals=externals)
         clock.lap("publish")
-        app = app_bundle(store, run, dataset, exports, explain, blessed_uri(candidate, blessing))
+        app = app_bundle(store, run, dataset, exports, explain, blessed_uri(candidate, blessing), externals=externals)
         clock.lap("app")
         done = finish_run(
             store, run, dataset, p.to_dict(), board, records, published, exports, blessing, clock.seconds,

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from covid_data.split import SplitConfig
 from covid_data.validation import PROFILES
+from covid_eval.negative_report import external_set
 from covid_models.builders import MODEL_NAMES
 from covid_models.presets import PRESETS, Preset, get_preset
 from flows.prepare_data import DEFAULT_SOURCE, DEFAULT_STORE, add_data_arguments, data_settings
@@ -117,6 +118,20 @@ class TrainingParams(_Params):
         return preset.ensemble if self.ensemble is None else self.ensemble
 
 
+class ExternalSource(_Params):
+    """An external set each trained model is scored on, and what kind of set it is."""
+
+    uri: str
+    """the set: a folder, a .zip, kaggle:owner/slug or a store prefix"""
+    kind: Literal["labelled", "negative"] = "labelled"
+    """labelled: folders named by the four classes; negative: known to hold no COVID (e.g. pre-pandemic), any
+    finding folders, scored for the COVID false-alarm rate"""
+    name: str | None = None
+    """a short name for the set (default: its folder's name)"""
+    about: str | None = None
+    """what the set is, in a few words, shown beside its figures"""
+
+
 class PromotionParams(_Params):
     """What a challenger must show before it replaces the champion."""
 
@@ -128,10 +143,19 @@ class PromotionParams(_Params):
     """promotion also needs McNemar's exact test against the champion at p < 0.05 (on the same images)"""
     covid_noninferiority_margin: float | None = 0.05
     """the challenger's COVID sensitivity must be non-inferior to the champion's within this (None: no check)"""
-    external_sources: list[str] | None = None
-    """labelled sets from elsewhere (folder, .zip, kaggle:...) each trained model is scored on (leaderboard columns)"""
+    external_sources: list[str | ExternalSource] | None = None
+    """sets from elsewhere each trained model is scored on (leaderboard columns): a labelled set (folder, .zip,
+    kaggle:...), 'negative:<set>' for one known to hold no COVID, or {uri, kind, name, about}"""
     external_floor: float | None = None
-    """promotion needs at least this accuracy on every external set (default: no gate)"""
+    """promotion needs at least this accuracy on every labelled external set (default: no gate)"""
+    external_false_alarm_ceiling: float | None = None
+    """promotion needs a COVID false-alarm rate at most this on every negative external set (default: no gate)"""
+
+    def external_sets(self) -> list[dict[str, Any]]:
+        """Every external set as ``{uri, kind, name, about}`` (what the evaluation tasks take)."""
+        return [
+            external_set(s.model_dump() if isinstance(s, ExternalSource) else s) for s in self.external_sources or []
+        ]
 
     def rules(self) -> dict[str, Any]:
         """The bless task's rules."""
@@ -141,6 +165,7 @@ class PromotionParams(_Params):
             "require_significance": self.require_significance,
             "covid_noninferiority_margin": self.covid_noninferiority_margin,
             "external_floor": self.external_floor,
+            "external_false_alarm_ceiling": self.external_false_alarm_ceiling,
         }
 
 
@@ -192,8 +217,17 @@ def cli_parser(description: str | None = None) -> argparse.ArgumentParser:
     add_data_arguments(ap)
     _option(ap, TrainingParams, "model_timeout_s", type=float)
     _option(ap, TrainingParams, "pickup_timeout_s", type=float)
-    _option(ap, PromotionParams, "external_sources", flag="--external-source", action="append", help_extra=" (repeat)")
+    _option(
+        ap,
+        PromotionParams,
+        "external_sources",
+        flag="--external-source",
+        action="append",
+        type=_external_source,
+        help_extra=" (repeat; JSON for the object)",
+    )
     _option(ap, PromotionParams, "external_floor", type=float)
+    _option(ap, PromotionParams, "external_false_alarm_ceiling", type=float)
     _option(ap, TrainingParams, "ensemble", type=int)
     return ap
 
@@ -211,6 +245,11 @@ def cli_parameters(argv: list[str] | None = None, description: str | None = None
 
 def _ratios(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(","))
+
+
+def _external_source(text: str) -> str | dict[str, Any]:
+    """``--external-source``: a set (``negative:`` before it for a negative one), or its JSON object."""
+    return json.loads(text) if text.lstrip().startswith("{") else text
 
 
 def _optional_float(text: str) -> float | None:

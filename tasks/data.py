@@ -25,6 +25,7 @@ from covid_data.dataset import (
     stage_source,
 )
 from covid_data.manifest import read_parquet_bytes, to_parquet_bytes
+from covid_data.negative import negative_manifest_of
 from covid_data.split import SplitConfig, write_split
 from covid_data.store import open_store
 from covid_data.validation import DataValidationError, get_profile, validate_manifest
@@ -58,10 +59,12 @@ def fetch_source(
 
 
 @task(name="build-manifest")
-def build_manifest(staged: dict[str, Any], workers: int | None = None) -> str:
-    """Inspect every file; returns the path of the manifest (a local Parquet scratch file)."""
+def build_manifest(staged: dict[str, Any], workers: int | None = None, negative: bool = False) -> str:
+    """Inspect every file; returns the path of the manifest (a local Parquet scratch file).
+    ``negative``: a set known to hold no COVID, in finding folders (``covid_data.negative``)."""
     s = Staged(**staged)
-    manifest = manifest_of(s, workers=workers, progress=_progress_reporter("inspecting images"))
+    read = negative_manifest_of if negative else manifest_of
+    manifest = read(s, workers=workers, progress=_progress_reporter("inspecting images"))
     out = Path(tempfile.gettempdir()) / "covid-xray-manifests" / f"{uuid.uuid4().hex}.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(to_parquet_bytes(manifest))

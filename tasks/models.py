@@ -16,6 +16,7 @@ from prefect.artifacts import create_table_artifact
 
 from covid_eval.calibration import ensure_calibration
 from covid_eval.leaderboard import leaderboard, to_markdown
+from covid_eval.negative_report import external_set
 from covid_models.describe import describe_weights
 from covid_models.ensemble import build_and_evaluate, ensemble_slot_uri
 from covid_models.presets import Preset, plan_models
@@ -155,32 +156,66 @@ def export_models(
 
 
 def external_evaluations(
-    records: list[dict[str, Any]], sources: list[str] | None, store: str, kaggle_secret_block: str | None
+    records: list[dict[str, Any]],
+    sources: list[str | dict[str, Any]] | None,
+    store: str,
+    kaggle_secret_block: str | None,
 ) -> dict[str, list[dict[str, Any]]]:
     """``{model: [evaluation summary per source]}`` for every model that trained (each evaluation is
-    stored once under ``evaluations/`` and reused by later runs)."""
+    stored once under ``evaluations/`` and reused by later runs). A source is a labelled set, a
+    ``negative:<set>`` string or a ``{uri, kind, name, about}`` record (``covid_eval.negative_report.external_set``)."""
+    sets = [external_set(s) for s in sources or []]
     return {
         r["model"]: [
-            evaluate_external(r["out"], src, store, kaggle_secret_block=kaggle_secret_block) for src in sources or []
+            evaluate_external(
+                r["out"],
+                s["uri"],
+                store,
+                kaggle_secret_block=kaggle_secret_block,
+                negative=s["kind"] == "negative",
+                name=s["name"],
+                about=s["about"],
+            )
+            for s in sets
         ]
         for r in records
         if r["status"] in ("trained", "cached")
     }
 
 
+def _interval(ci: list[float] | None) -> str | None:
+    return f"{ci[0]:.4f}-{ci[1]:.4f}" if ci and ci[0] is not None else None
+
+
 def external_columns(externals: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """One column group per external set: ``ext<i>_accuracy``, ``ext<i>_covid_sensitivity``, ``ext<i>_n``."""
+    """One column group per external set: ``ext<i>_accuracy``, ``ext<i>_covid_sensitivity``, ``ext<i>_n``
+    for a labelled set; ``ext<i>_covid_false_alarm`` and its 95% interval, ``ext<i>_n`` for a negative one."""
     cols: dict[str, dict[str, Any]] = {}
     for model, evals in externals.items():
         for i, e in enumerate(evals, start=1):
-            cols.setdefault(model, {}).update(
-                {
-                    f"ext{i}_accuracy": e.get("accuracy"),
-                    f"ext{i}_covid_sensitivity": e.get("covid_sensitivity"),
-                    f"ext{i}_n": e.get("n"),
+            if e.get("set_kind") == "negative":
+                group = {
+                    f"ext{i}_covid_false_alarm": e.get("false_alarm_rate"),
+                    f"ext{i}_covid_false_alarm_ci95": _interval(e.get("false_alarm_ci95")),
                 }
-            )
+            else:
+                group = {f"ext{i}_accuracy": e.get("accuracy"), f"ext{i}_covid_sensitivity": e.get("covid_sensitivity")}
+            cols.setdefault(model, {}).update({**group, f"ext{i}_n": e.get("n")})
     return cols
+
+
+def external_notes(externals: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """What each ``ext<i>`` column group is: the set's name and what it holds."""
+    evals = next(iter(externals.values()), [])
+    return [
+        f"ext{i}: {e.get('name')}, {e.get('about')}"
+        + (
+            " (negative set: covid_false_alarm is the share of its images called COVID, with its 95% Wilson interval)"
+            if e.get("set_kind") == "negative"
+            else " (labelled set)"
+        )
+        for i, e in enumerate(evals, start=1)
+    ]
 
 
 def shortcut_columns(explain: list[dict[str, Any]] | None) -> dict[str, dict[str, Any]]:

@@ -17,7 +17,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from covid_data.store import open_store
 from covid_registry import champion as registry
-from covid_registry.bless import bless, external_gate
+from covid_registry.bless import bless, external_gate, false_alarm_gate
 from covid_registry.run_folder import complete_run, report_markdown, write_run_folder
 from tasks.app import build_app
 
@@ -38,11 +38,13 @@ def bless_challenger(
     covid_noninferiority_margin: float | None = 0.05,
     externals: dict[str, list[dict[str, Any]]] | None = None,
     external_floor: float | None = None,
+    external_false_alarm_ceiling: float | None = None,
 ) -> dict[str, Any] | None:
     """Score the current champion's stored model on the challenger's test split and decide,
     on the same images, whether the challenger earns promotion (TFX's Evaluator); with
-    ``external_floor``, the challenger's accuracy on every external set (``externals``, per model)
-    must reach it too."""
+    ``external_floor``, the challenger's accuracy on every labelled external set (``externals``, per
+    model) must reach it too, and with ``external_false_alarm_ceiling`` its COVID false-alarm rate
+    on every negative set must not exceed it."""
     if challenger is None:
         return None
     current = registry.current(open_store(store))
@@ -57,7 +59,9 @@ def bless_challenger(
             covid_noninferiority_margin=covid_noninferiority_margin,
         )
     )
-    blessing = external_gate(blessing, (externals or {}).get(challenger["model"], []), external_floor)
+    mine = (externals or {}).get(challenger["model"], [])
+    blessing = external_gate(blessing, mine, external_floor)
+    blessing = false_alarm_gate(blessing, mine, external_false_alarm_ceiling)
     get_run_logger().info("bless: %s", blessing["reason"])
     return blessing
 
@@ -72,6 +76,7 @@ def publish_run(
     exports: list[dict[str, Any]],
     blessing: dict[str, Any] | None,
     explain: list[dict[str, Any]] | None = None,
+    externals: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, str]:
     """Copy the run's models, exports, model cards and leaderboard into ``runs/<run id>/``."""
     return write_run_folder(
@@ -84,6 +89,7 @@ def publish_run(
         exports=exports,
         blessing=blessing,
         explain=explain,
+        externals=externals,
     )
 
 
@@ -215,10 +221,11 @@ def app_bundle(
     exports: list[dict[str, Any]],
     explain: list[dict[str, Any]],
     champion_uri: str | None = None,
+    externals: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """The app-bundle task's record, or ``{"status": "failed", "reason"}`` when the task failed (the
     run is completed first, then fails: see :func:`check_run`)."""
-    state = build_app(store, run_id, dataset, exports, explain, champion_uri, return_state=True)
+    state = build_app(store, run_id, dataset, exports, explain, champion_uri, externals, return_state=True)
     return state.result() if state.is_completed() else {"status": "failed", "reason": state.message}
 
 

@@ -254,6 +254,7 @@ def test_every_flow_parameter_is_a_cli_option():
         "near_dup_distance",
         "cache_dir",
         "kaggle_secret_block",
+        "negative",
     }
     assert evaluate.parameters.properties["near_dup_distance"]["default"] == 4  # the project's distance
     help_out = io.StringIO()  # not capsys: TensorFlow, imported by the tests before, holds the captured streams

@@ -174,3 +174,21 @@ def test_a_negative_set_is_scored_in_every_finding_folder(threshold_model, tmp_p
     assert labelled["set_kind"] == "labelled" and labelled["uri"] != out["uri"] and labelled["n"] == 4
     assert open_store(out["uri"]).exists("evaluation.json") and open_store(labelled["uri"]).exists("evaluation.json")
     assert evaluate_negative(threshold_model["slot"], str(src), threshold_model["store"])["uri"] == out["uri"]
+
+
+def test_the_evaluate_flow_and_the_retrain_task_score_a_negative_set(prefect_server, threshold_model, tmp_path):
+    """Prefect's tasks (build-manifest … write-evaluation) carry the finding folders through."""
+    from flows.evaluate import evaluate
+    from tasks.models import external_evaluations
+
+    src = negative_folder(tmp_path / "old-xrays", {"Normal": [BRIGHT, DARK], "Fibrosis": [DARK, DARK, BRIGHT]}, seed=9)
+    out = evaluate(source=str(src), model=threshold_model["slot"], store=threshold_model["store"], negative=True)
+    assert out["set_kind"] == "negative" and (out["n"], out["covid_predicted"]) == (5, 2)
+    assert {f: r["covid_predicted"] for f, r in out["per_finding"].items()} == {"Fibrosis": 1, "Normal": 1}
+    assert out["name"] == "old-xrays" and out["uri"].endswith("-negative")
+
+    records = [{"model": "threshold", "status": "trained", "out": threshold_model["slot"]}]
+    spec = {"uri": str(src), "kind": "negative", "about": "old X-rays"}
+    (again,) = external_evaluations(records, [spec], threshold_model["store"], None)["threshold"]
+    assert again["uri"] == out["uri"] and again["about"] == "old X-rays"  # reused, as the caller names it
+    assert again["false_alarm_rate"] == pytest.approx(2 / 5)

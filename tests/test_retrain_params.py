@@ -4,6 +4,7 @@ their defaults (the flat parameters' of before), and the CLI building the same m
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ from flows.retrain_params import (
     run_preset,
 )
 from tasks.credentials import DEFAULT_SECRET_BLOCK
+from tasks.publishing import bless_challenger
 
 # The 27 flat parameters of retrain before they were grouped, with their defaults (and what changed
 # since: promotion needs a significant win and COVID sensitivity non-inferior to the champion's).
@@ -57,6 +59,7 @@ FLAT_DEFAULTS = {
     "pickup_timeout_s": 600,
     "external_sources": None,
     "external_floor": None,
+    "external_false_alarm_ceiling": None,
     "ensemble": None,
 }
 
@@ -146,3 +149,33 @@ def test_none_takes_the_presets_value():
     assert p.split == (0.8, 0.2, 0) and data.prepare_kwargs(p)["profile"] == "any"
     assert training.ensemble_size(p) == 2 and not PublishingParams().int8_for(p)
     assert PromotionParams(champion_margin=0.02).rules()["margin"] == 0.02
+
+
+def test_external_sets_are_declared_labelled_or_negative():
+    shenzhen = '{"uri": "/s/shenzhen-cxr", "kind": "negative", "about": "pre-pandemic X-rays, none COVID"}'
+    argv = ["--external-source", "/data/site-b", "--external-source", "negative:/data/old", "--external-source"]
+    argv += [shenzhen, "--external-false-alarm-ceiling", "0.1"]
+    promotion = cli_parameters(argv)["promotion"]
+    assert (
+        promotion
+        == retrain.validate_parameters(
+            {
+                "promotion": {
+                    "external_sources": ["/data/site-b", "negative:/data/old", json.loads(shenzhen)],
+                    "external_false_alarm_ceiling": 0.1,
+                }
+            }
+        )["promotion"]
+    )
+    sets = promotion.external_sets()
+    assert [(s["uri"], s["kind"], s["name"]) for s in sets] == [
+        ("/data/site-b", "labelled", "site-b"),
+        ("/data/old", "negative", "old"),
+        ("/s/shenzhen-cxr", "negative", "shenzhen-cxr"),
+    ]
+    assert sets[2]["about"] == "pre-pandemic X-rays, none COVID"
+    with pytest.raises(ParameterTypeError, match="external_sources"):
+        retrain.validate_parameters({"promotion": {"external_sources": [{"uri": "/x", "kind": "positive"}]}})
+    # Every rule the promotion group names is a parameter of the bless task (a misspelt one fails the run).
+    assert set(promotion.rules()) <= set(inspect.signature(bless_challenger.fn).parameters)
+    assert promotion.rules()["external_false_alarm_ceiling"] == 0.1
