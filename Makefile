@@ -12,6 +12,11 @@ COVID_DATA_SOURCE ?= $(if $(wildcard $(SHARED_SAMPLE)),$(SHARED_SAMPLE),kaggle)
 COVID_STORE ?= .store
 PROFILE ?= $(if $(wildcard $(SHARED_SAMPLE)),shared-sample,kaggle)
 PRESET ?= cpu
+# A negative external set in every run where it exists: the Shenzhen X-rays predate COVID-19, so the
+# share a model calls COVID is its false-alarm rate on another hospital's images (`EXTERNAL=` drops it).
+SHENZHEN := ../shared/data/shenzhen-cxr
+SHENZHEN_SET := {"uri": "$(SHENZHEN)", "kind": "negative", "about": "pre-pandemic X-rays from another hospital, none COVID"}
+EXTERNAL ?= $(if $(wildcard $(SHENZHEN)),--external-source '$(SHENZHEN_SET)',)
 # ImageNet weights: the shared folder where it exists, else Keras' own cache (~/.keras/models).
 export COVID_WEIGHTS_DIR ?= $(if $(wildcard ../shared/weights),$(abspath ../shared/weights),)
 
@@ -41,7 +46,7 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
 
 run: $(STAMP) app-build
-	$(PY) -m flows.retrain --preset $(PRESET) --source $(COVID_DATA_SOURCE) --store $(COVID_STORE) --profile $(PROFILE)
+	$(PY) -m flows.retrain --preset $(PRESET) --source $(COVID_DATA_SOURCE) --store $(COVID_STORE) --profile $(PROFILE) $(EXTERNAL)
 
 prepare: $(STAMP)
 	$(PY) -m flows.prepare_data --source $(COVID_DATA_SOURCE) --store $(COVID_STORE) --profile $(PROFILE)

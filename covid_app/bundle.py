@@ -2,7 +2,8 @@
 
 It is the built page (``app/dist``: page, scripts, service worker, LiteRT.js' WASM runtime), the
 run's top three models as fixed-batch TFLite files, the out-of-distribution guard, the model
-pages' data (``data/app.json``: metrics with confidence intervals, model cards, plots) and a
+pages' data (``data/app.json``: metrics with confidence intervals, the figures on external sets,
+model cards, plots) and a
 service-worker precache list of every file, so the page works offline after one visit.
 
 The bundle is its own stored unit, completed by ``app/bundle.json``: ``retrain`` writes it before
@@ -158,12 +159,14 @@ def build_app_bundle(
     guard_note: str | None = None,
     champion_uri: str | None = None,
     explain: list[dict[str, Any]] | None = None,
+    externals: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Write ``runs/<run id>/app/`` (if not complete yet) from the run's exports; its record.
 
     ``exports`` are the run's top models in rank order (records of ``ensure_exports``);
     ``champion_uri`` marks the model slot that is the champion; ``explain`` (tasks.explain records)
-    adds each model's Grad-CAM gallery and shortcut score to its page. Raises :class:`AppBuildUnavailable`
+    adds each model's Grad-CAM gallery and shortcut score to its page, ``externals`` (``{model: [external
+    evaluation summaries]}``) its figures on X-rays from elsewhere. Raises :class:`AppBuildUnavailable`
     when the page cannot be built here.
     """
     store = as_store(store)
@@ -180,6 +183,7 @@ def build_app_bundle(
         for rank, e in enumerate(exports, start=1):
             entry = _model_entry(e, rank, champion_uri)
             entry["calibration"] = e.get("calibration")  # the .tflite carries its temperature
+            entry["external"] = [app_external(x) for x in (externals or {}).get(e["model"], [])]
             x = explained.get(e["model"])
             if x and not x.get("error"):
                 entry["images"]["gradcam"] = []
@@ -245,6 +249,22 @@ def build_app_bundle(
     return unit.record()
 
 
+def app_external(e: dict[str, Any]) -> dict[str, Any]:
+    """What a model page shows of one external set: its name, what it is, the headline figure with
+    its interval (a negative set's COVID false-alarm rate, per finding folder too; a labelled set's
+    accuracy and COVID sensitivity) and the model's own test figure beside it."""
+    keep = ["set_kind", "name", "about", "n"]
+    if e.get("set_kind") == "negative":
+        keep += ["covid_predicted", "false_alarm_rate", "false_alarm_ci95", "test_false_alarm_rate"]
+        keep += ["test_false_alarm_ci95"]
+        per = {
+            f: {k: r.get(k) for k in ("n", "false_alarm_rate", "false_alarm_ci95")} for f, r in e["per_finding"].items()
+        }
+        return {**{k: e.get(k) for k in keep}, "per_finding": per}
+    keep += ["accuracy", "accuracy_ci95", "covid_sensitivity", "covid_sensitivity_ci95"]
+    return {k: e.get(k) for k in keep}
+
+
 def _classes() -> list[str]:
     return list(CLASSES)
 
@@ -281,6 +301,7 @@ def build_run_app(
     exports: list[dict[str, Any]],
     explain: list[dict[str, Any]] | None = None,
     champion_uri: str | None = None,
+    externals: dict[str, list[dict[str, Any]]] | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """(bundle record, why there is no guard or None): the run's bundle with its split's guard
     (fitted once) and the champion marked: ``champion_uri`` (the retrain flow passes the model it
@@ -304,5 +325,6 @@ def build_run_app(
         guard_note=note,
         champion_uri=champion_uri,
         explain=explain,
+        externals=externals,
     )
     return rec, note

@@ -73,7 +73,14 @@ def ensure_bundle(store: Store | str, run_id: str) -> dict[str, Any]:
     if not run.get("exports"):
         raise NoBundleError(f"run {run_id} exported no models: it has no app")
     log.info("run %s has no app bundle yet: building it", run_id)
-    rec, _ = build_run_app(store, run_id, dataset=run["dataset"], exports=run["exports"], explain=run.get("explain"))
+    rec, _ = build_run_app(
+        store,
+        run_id,
+        dataset=run["dataset"],
+        exports=run["exports"],
+        explain=run.get("explain"),
+        externals=run.get("external"),
+    )
     return rec
 
 

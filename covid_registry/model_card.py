@@ -143,3 +143,76 @@ def export_lines(variants: dict[str, dict[str, Any]] | None) -> list[str]:
             check = str(checks.get("runtime_parity") or "unchecked")
         lines.append(f"| {names.get(v, v)} | {rec.get('bytes', 0) / 1e6:.1f} MB | {check} |")
     return lines
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "-" if not ci or ci[0] is None else f"{100 * ci[0]:.1f}-{100 * ci[1]:.1f}%"
+
+
+def _figure(e: dict[str, Any]) -> str:
+    """One external set's headline for one model, in words."""
+    if e.get("set_kind") == "negative":
+        findings = ", ".join(
+            f"{f} {_pct(r.get('false_alarm_rate'))} (n={r.get('n')})" for f, r in (e.get("per_finding") or {}).items()
+        )
+        own = e.get("test_false_alarm_rate")
+        return (
+            f"COVID false-alarm rate {_pct(e.get('false_alarm_rate'))} (95% CI {_ci(e.get('false_alarm_ci95'))}): "
+            f"{e.get('covid_predicted')} of {e.get('n')} images called COVID"
+            + (f"; per finding folder: {findings}" if findings else "")
+            + (
+                f". On its own test split, {_pct(own)} (95% CI {_ci(e.get('test_false_alarm_ci95'))}) of the non-COVID "
+                "images were called COVID."
+                if own is not None
+                else "."
+            )
+        )
+    own = _minus(e.get("accuracy"), e.get("accuracy_delta"))
+    return (
+        f"accuracy {_pct(e.get('accuracy'))} (95% CI {_ci(e.get('accuracy_ci95'))}), COVID sensitivity "
+        f"{_pct(e.get('covid_sensitivity'))} (95% CI {_ci(e.get('covid_sensitivity_ci95'))}), n={e.get('n')}"
+        + (f"; on its own test split, accuracy {_pct(own)}." if own is not None else ".")
+    )
+
+
+def external_lines(evals: list[dict[str, Any]] | None) -> list[str]:
+    """The card's "On X-rays from elsewhere" section: each external set (``covid_eval.external.summary``
+    records), named and said what it is, with the model's figures beside its own test ones."""
+    if not evals:
+        return []
+    lines = ["", "## On X-rays from elsewhere", ""]
+    for e in evals:
+        lines.append(f"- **{e.get('name') or e.get('source')}** ({e.get('about') or 'an external set'}): {_figure(e)}")
+    return lines
+
+
+def external_report_lines(externals: dict[str, list[dict[str, Any]]] | None) -> list[str]:
+    """The run report's table per external set: every evaluated model's figure and its interval."""
+    models = {m: evals for m, evals in (externals or {}).items() if evals}
+    if not models:
+        return []
+    lines: list[str] = []
+    for i, first in enumerate(next(iter(models.values())), start=1):
+        negative = first.get("set_kind") == "negative"
+        what = "COVID false-alarm rate (share called COVID)" if negative else "accuracy"
+        lines += [
+            "",
+            f"**ext{i}: {first.get('name')}**, {first.get('about')}: {what}, with its 95% interval.",
+            "",
+            f"| model | {what} | 95% CI | n | own test split |",
+            "|---|---:|---|---:|---:|",
+        ]
+        for model, evals in models.items():
+            e = evals[i - 1] if i <= len(evals) else {}
+            value, ci = ("false_alarm_rate", "false_alarm_ci95") if negative else ("accuracy", "accuracy_ci95")
+            own = e.get("test_false_alarm_rate") if negative else _minus(e.get("accuracy"), e.get("accuracy_delta"))
+            lines.append(f"| {model} | {_pct(e.get(value))} | {_ci(e.get(ci))} | {e.get('n', '-')} | {_pct(own)} |")
+    return lines
+
+
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b

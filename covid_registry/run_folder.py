@@ -19,7 +19,13 @@ from typing import Any
 from covid_data.store import Store, Unit, open_store
 from covid_eval.gallery import card_lines, contact_sheet, small_png
 from covid_eval.gradcam import shortcut_meaning
-from covid_registry.model_card import describe_weights, export_lines, model_card
+from covid_registry.model_card import (
+    describe_weights,
+    export_lines,
+    external_lines,
+    external_report_lines,
+    model_card,
+)
 
 MARKER = "run.json"
 MODEL_FILES = ("model.keras", "metrics.json", "history.json", "history.csv", "curves.png")
@@ -48,11 +54,13 @@ def write_run_folder(
     exports: list[dict[str, Any]],
     blessing: dict[str, Any] | None,
     explain: list[dict[str, Any]] | None = None,
+    externals: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, str]:
     """Write the run folder's objects (not its marker); ``{model: URI of its copy}``.
 
     ``explain`` (records of ``tasks.explain.explain_models``) adds a "Where the model looks"
-    section (the Grad-CAM shortcut score and what it means) to each top model's card.
+    section (the Grad-CAM shortcut score and what it means) to each top model's card; ``externals``
+    (``{model: [external evaluation summaries]}``) an "On X-rays from elsewhere" section.
     """
     explained = {x["model"]: x for x in explain or [] if x.get("model")}
     import pandas as pd
@@ -87,6 +95,7 @@ def write_run_folder(
         )
         card = with_card_section(card, export_lines(e.get("variants")))
         card = with_card_section(card, card_lines(explained.get(e["model"])))
+        card = with_card_section(card, external_lines((externals or {}).get(e["model"])))
         unit.put_text(f"model_cards/{e['model']}.md", card)
     if blessing is not None:
         unit.put_text("bless.json", json.dumps(blessing, indent=2, default=str))
@@ -247,6 +256,7 @@ def report_markdown(
         "",
         board_markdown,
     ]
+    lines += external_report_lines(run.get("external"))
     lines += shortcut_table(run.get("explain"))
     promotion = run.get("promotion")
     if promotion:

@@ -23,6 +23,7 @@ def build_app(
     exports: list[dict[str, Any]],
     explain: list[dict[str, Any]] | None = None,
     champion_uri: str | None = None,
+    externals: dict[str, list[dict[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """``{"status": "built"|"skipped"|"failed", ...}``: the bundle's record, or why there is none."""
     log = get_run_logger()
@@ -30,7 +31,13 @@ def build_app(
         return {"status": "skipped", "reason": "no exported models to put in the app"}
     try:
         rec, note = build_run_app(
-            open_store(store), run_id, dataset=dataset, exports=exports, explain=explain, champion_uri=champion_uri
+            open_store(store),
+            run_id,
+            dataset=dataset,
+            exports=exports,
+            explain=explain,
+            champion_uri=champion_uri,
+            externals=externals,
         )
     except AppBuildUnavailable as e:
         log.warning("%s", e)

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +43,7 @@ CHROMIUM_ARGS = [
 PHONE = {"width": 390, "height": 844}
 SCREENSHOT = REPO / "docs" / "screenshots" / "app-results-390x844.png"
 PROB_TOLERANCE = 1e-4
+SHENZHEN = SHARED / "data" / "shenzhen-cxr"  # pre-pandemic X-rays: a negative external set
 
 
 def _require_browser() -> None:
@@ -60,9 +63,15 @@ def _require_browser() -> None:
 def published(tmp_path_factory) -> dict:
     """A smoke run published with its app bundle: store, run id, the bundle's data."""
     _require_browser()
-    require_shared(SAMPLE, MOBILENET_WEIGHTS)
+    require_shared(SAMPLE, MOBILENET_WEIGHTS, SHENZHEN)
     base = tmp_path_factory.mktemp("app-run")
     store = base / "store"
+    negative = base / "shenzhen-subset"  # a seeded few of each finding, and masks/ that is no finding
+    for folder in ("Normal", "Tuberculosis", "masks"):
+        (negative / folder).mkdir(parents=True)
+        for f in random.Random(3).sample(sorted((SHENZHEN / folder).glob("*.png")), 6 if folder != "masks" else 2):
+            shutil.copyfile(f, negative / folder / f.name)
+    about = "pre-pandemic X-rays from another hospital, none COVID"
     env = {
         **os.environ,
         "COVID_WEIGHTS_DIR": str(MOBILENET_WEIGHTS.parent),
@@ -70,6 +79,7 @@ def published(tmp_path_factory) -> dict:
         "PREFECT_HOME": str(base / "prefect"),
     }
     cmd = [sys.executable, "-m", "flows.retrain", "--preset", "smoke", "--source", str(SAMPLE), "--store", str(store)]
+    cmd += ["--external-source", json.dumps({"uri": str(negative), "kind": "negative", "about": about})]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_id,) = [p.name for p in (store / "runs").iterdir()]
@@ -261,6 +271,15 @@ def test_model_page_shows_its_metrics(page, published):
     assert f"{100 * test['covid_sensitivity']:.1f}" in text
     assert m["weights"].split(";")[0] in text
     assert "Model card" in text and "not a medical device" in text.lower()
+    (ext,) = m["external"]  # the negative set, beside the test metrics
+    assert (
+        ext["set_kind"] == "negative" and 0 < ext["n"] <= 12 and set(ext["per_finding"]) == {"Normal", "Tuberculosis"}
+    )
+    assert sum(r["n"] for r in ext["per_finding"].values()) == ext["n"]  # masks/ was not scored
+    assert "On X-rays from elsewhere" in text and "shenzhen-subset" in text and "none COVID" in text
+    assert f"{100 * ext['false_alarm_rate']:.1f}%" in text and "Tuberculosis" in text
+    page.wait_for_selector("#model-list .false-alarm", state="attached", timeout=30_000)  # the list, beside test acc
+    assert "COVID false alarms on shenzhen-subset" in page.text_content("#model-list")
 
 
 def test_heatmap_matches_python_occlusion(page, published):

@@ -1,6 +1,7 @@
 // The model page (#/model/<name>): metrics, model card, figures, limits.
 import { el, pct, ci, num, mb, str, isNum, label } from "../ui/format.js";
 import { renderMarkdown, renderInline } from "../ui/markdown.js";
+import { externalSection } from "../ui/external.js";
 
 function metricRows(m, top, split) {
   if (!m) return [];
@@ -209,6 +210,8 @@ export function renderModelPage(root, model, app, resolve) {
     }
     root.append(sec);
   }
+  const external = externalSection(model); // beside the test metrics: the same model on other X-rays
+  if (external) root.append(external);
 
   const figs = [
     figure(imgs.confusion_test, "Confusion matrix, test set", resolve),

@@ -5,6 +5,7 @@ import { $, el, pctCi, mb, str, isNum } from "../ui/format.js";
 import { safe } from "../ui/status.js";
 import { state, modelByName } from "../state.js";
 import { predict } from "./results.js";
+import { falseAlarmStats } from "../ui/external.js";
 
 export function renderModelList() {
   const list = $("model-list");
@@ -42,6 +43,7 @@ export function renderModelList() {
           el("span", {}, "Val acc ", el("b", { text: pctCi(m.val_accuracy, m.val_accuracy_ci95) })),
           el("span", {}, "Test acc ", el("b", { text: pctCi(m.test_accuracy, m.test_accuracy_ci95) })),
           el("span", {}, "COVID sensitivity ", el("b", { text: sens })),
+          ...falseAlarmStats(m),
         ),
       ),
       el("a", { class: "model-link", href: `#/model/${encodeURIComponent(m.name)}`, "aria-label": `Details for ${m.name}`, text: "Details ›" }),
