@@ -148,7 +148,7 @@ class PromotionParams(_Params):
     kaggle:...), 'negative:<set>' for one known to hold no COVID, or {uri, kind, name, about}"""
     external_floor: float | None = None
     """promotion needs at least this accuracy on every labelled external set (default: no gate)"""
-    external_false_alarm_ceiling: float | None = None
+    external_false_alarm_ceiling: float | None = Field(None, ge=0, le=1)
     """promotion needs a COVID false-alarm rate at most this on every negative external set (default: no gate)"""
 
     def external_sets(self) -> list[dict[str, Any]]:
