@@ -107,7 +107,8 @@ def write_negative_evaluation(
     metrics = negative_metrics(probs, scored["finding"].astype(str).to_numpy())
     named = external_set({"uri": dataset.get("source") or version, "kind": "negative", "name": name, "about": about})
     dups = duplicates_summary(duplicates, near_dup_distance, include_duplicates)
-    # A "not COVID" image that copies one of the model's COVID images: the set or the data is wrong.
+    # A "not COVID" image matching one of the model's COVID images: the set or the data is wrong, or
+    # (a near match) a chance likeness; the report asks for a look.
     dups["covid_matches"] = int((duplicates["match_label"] == "COVID").sum())
     dups.pop("label_disagreements", None)  # every match disagrees with "not COVID": says nothing here
     record = clean_json(

@@ -150,8 +150,10 @@ def negative_report_markdown(record: dict[str, Any]) -> str:
     ]
     if dup.get("covid_matches"):
         lines += [
-            f"**{dup['covid_matches']} image(s) of this set copy a COVID image of the model's data**: either the "
-            "set is not what it claims, or the training data is mislabelled. See `duplicates.csv`.",
+            f"**{dup['covid_matches']} image(s) of this set match a COVID image of the model's data** (exact or near "
+            "copies). An exact copy means the set is not what it claims or the data is mislabelled; a near match "
+            "may also be a chance likeness (chest X-rays look alike at low resolution): look at the pairs in "
+            "`duplicates.csv`.",
             "",
         ]
     return "\n".join(lines)
