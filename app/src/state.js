@@ -55,3 +55,9 @@ export function normaliseModels(app) {
   models.sort((a, b) => (isNum(a.rank) ? a.rank : 1e9) - (isNum(b.rank) ? b.rank : 1e9));
   return models;
 }
+
+/** What the about and model pages say when the release has no guard (it fails closed). */
+export function guardUnavailable(app) {
+  const why = str(app && app.guard_note, "this release has no guard model");
+  return `The X-ray check is unavailable in this release (${why}). Every picture waits for your confirmation that it is a frontal chest X-ray before any result is shown.`;
+}

@@ -1,7 +1,7 @@
 // The about page (#/about): this release, the data, the guard, the heat map.
 import { $, el, pct, str, isNum, label, fmtScore } from "../ui/format.js";
 import { renderInline } from "../ui/markdown.js";
-import { state, disclaimer } from "../state.js";
+import { state, disclaimer, guardUnavailable } from "../state.js";
 
 export function renderAbout() {
   const app = state.app || {};
@@ -16,12 +16,12 @@ export function renderAbout() {
     const classes = state.classes.length ? state.classes : Object.keys(counts[splits[0]] || {});
     countsTable = el(
       "div",
-      { class: "table-scroll" },
+      { class: "table-scroll", tabindex: "0" },
       el(
         "table",
         { class: "metric-table" },
         el("caption", { text: "Images per split" }),
-        el("thead", {}, el("tr", {}, el("th", { text: "" }), ...splits.map((s) => el("th", { scope: "col", text: s })))),
+        el("thead", {}, el("tr", {}, el("th", { scope: "col" }, el("span", { class: "visually-hidden", text: "Class" })), ...splits.map((s) => el("th", { scope: "col", text: s })))),
         el(
           "tbody",
           {},
@@ -68,7 +68,7 @@ export function renderAbout() {
             ".",
           ),
         )
-      : el("p", { text: "No guard is available for this run: the models classify any picture, even one that is not a chest X-ray." }),
+      : el("p", { class: "guard-unavailable", text: guardUnavailable(app) }),
     el("h3", { text: "“Why this class?”" }),
     el("p", {
       text: "The heat map is occlusion sensitivity: the image is split into a grid; each cell in turn is covered with the average gray and the model is run again. Cells whose covering lowers the predicted class the most are brightest. It shows what the model relies on, which is not necessarily disease (it can be markers, text or borders).",

@@ -2,6 +2,7 @@
 import { el, pct, ci, num, mb, str, isNum, label } from "../ui/format.js";
 import { renderMarkdown, renderInline } from "../ui/markdown.js";
 import { externalSection } from "../ui/external.js";
+import { guardUnavailable } from "../state.js";
 
 function metricRows(m, top, split) {
   if (!m) return [];
@@ -50,12 +51,12 @@ function confusionTable(cm, classes) {
   const names = classes.length === cm.length ? classes : cm.map((_, i) => `class ${i}`);
   return el(
     "div",
-    { class: "table-scroll" },
+    { class: "table-scroll", tabindex: "0" },
     el(
       "table",
       { class: "metric-table confusion" },
       el("caption", { text: "Confusion matrix (rows: true class, columns: predicted)" }),
-      el("thead", {}, el("tr", {}, el("th", { text: "" }), ...names.map((n) => el("th", { scope: "col" }, label(n))))),
+      el("thead", {}, el("tr", {}, el("th", { scope: "col" }, el("span", { class: "visually-hidden", text: "True class" })), ...names.map((n) => el("th", { scope: "col" }, label(n))))),
       el(
         "tbody",
         {},
@@ -174,6 +175,8 @@ export function renderModelPage(root, model, app, resolve) {
     ),
   );
 
+  if (!app.guard || typeof app.guard !== "object") root.append(el("p", { class: "notice guard-unavailable", text: guardUnavailable(app) }));
+
   const splits = ["test", "val"].filter((s) => metrics[s] && typeof metrics[s] === "object");
   if (splits.length || isNum(model.test_accuracy) || isNum(model.val_accuracy)) {
     const sec = el("section", { class: "metrics" }, el("h3", { text: "Metrics" }));
@@ -183,7 +186,7 @@ export function renderModelPage(root, model, app, resolve) {
     const table = el(
       "table",
       { class: "metric-table summary" },
-      el("thead", {}, el("tr", {}, el("th", { text: "" }), ...useSplits.map((s) => el("th", { scope: "col", text: labels[s] })))),
+      el("thead", {}, el("tr", {}, el("th", { scope: "col" }, el("span", { class: "visually-hidden", text: "Metric" })), ...useSplits.map((s) => el("th", { scope: "col", text: labels[s] })))),
     );
     const perSplit = useSplits.map((s) => rows(metrics[s] || { accuracy: model[`${s}_accuracy`] }, model, s));
     const tbody = el("tbody");
@@ -198,11 +201,11 @@ export function renderModelPage(root, model, app, resolve) {
       );
     });
     table.append(tbody);
-    sec.append(el("div", { class: "table-scroll" }, table));
+    sec.append(el("div", { class: "table-scroll", tabindex: "0" }, table));
     if (perSplit.some((r) => r.some((row) => row[2]))) sec.append(el("p", { class: "table-note", text: "Small print under a value: its 95% confidence interval." }));
     for (const s of splits) {
       const t = perClassTable(metrics[s], classes);
-      if (t) sec.append(el("h4", { text: `Per class — ${labels[s].toLowerCase()}` }), el("div", { class: "table-scroll" }, t));
+      if (t) sec.append(el("h4", { text: `Per class — ${labels[s].toLowerCase()}` }), el("div", { class: "table-scroll", tabindex: "0" }, t));
     }
     if (metrics.test) {
       const cm = confusionTable(metrics.test.confusion_matrix, classes);

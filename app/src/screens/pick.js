@@ -3,7 +3,7 @@
 import { checkGuard } from "../guard.js";
 import { AppError, inspectBytes, decodeToRgba } from "../image.js";
 import { runModel } from "../runtime.js";
-import { $, fmtScore } from "../ui/format.js";
+import { $, fmtScore, str } from "../ui/format.js";
 import { safe, clearError, setStatus } from "../ui/status.js";
 import { state } from "../state.js";
 import { clearResults, clearCompare, predict } from "./results.js";
@@ -81,57 +81,62 @@ async function handleFile(file) {
   const img = $("preview");
   img.src = URL.createObjectURL(blob);
   $("preview-wrap").hidden = false;
-  state.pick = { seq, rgba, width, height, canvas: previewCanvas(rgba, width, height), guard: null, allowed: false, inputs: new Map() };
+  state.pick = { seq, rgba, width, height, canvas: previewCanvas(rgba, width, height), guard: null, guardError: null, allowed: false, inputs: new Map() };
 
-  // Out-of-distribution guard
+  // Out-of-distribution guard. It fails closed: a picture the guard could not
+  // check waits for the user's confirmation, exactly as a flagged one does.
   const guardCfg = state.app && state.app.guard && typeof state.app.guard === "object" ? state.app.guard : null;
-  const notice = $("guard-notice");
+  let g = null;
+  let why = null;
   if (!guardCfg) {
-    notice.textContent = "No out-of-distribution guard is available for this run: the models will classify any picture, even one that is not a chest X-ray.";
-    notice.hidden = false;
-    state.pick.allowed = true;
+    why = str(state.app && state.app.guard_note, "this release has no guard model");
   } else {
     setStatus("Checking that this looks like a chest X-ray…");
-    let g = null;
     try {
       g = await checkGuard({ rgba, width, height }, guardCfg, async (input, shape) => {
         const r = await runModel(guardCfg.file, "wasm", input, shape);
         return r.output;
       });
+      if (!g.available) why = "this release's guard entry names no guard file";
     } catch (e) {
       console.error("guard failed", e);
-      g = null;
+      why = `the guard model failed on this device (${(e && e.message) || e})`;
     }
     if (seq !== state.pickSeq) return;
-    state.pick.guard = g;
-    if (!g) {
-      notice.textContent = "The X-ray guard could not run on this device, so this picture was not checked: make sure it is a frontal chest X-ray.";
-      notice.hidden = false;
-      state.pick.allowed = true;
-    } else if (g.ood) {
-      showOod(g);
-      setStatus("Not classified: see the warning below.");
-      $("compare-all").disabled = true;
-      return;
-    } else {
-      notice.textContent = `X-ray guard: score ${fmtScore(g.score)} (threshold ${fmtScore(g.threshold)}), colour ${g.colour.toFixed(3)} (threshold ${fmtScore(g.colourThreshold)}): looks like a chest X-ray.`;
-      notice.hidden = false;
-      state.pick.allowed = true;
-    }
   }
+  state.pick.guard = g;
+  state.pick.guardError = why;
+  if (why !== null || g.ood) {
+    showOod(g, why);
+    setStatus("Not classified yet: see the warning below.");
+    $("compare-all").disabled = true;
+    return;
+  }
+  const notice = $("guard-notice");
+  notice.textContent = `X-ray guard: score ${fmtScore(g.score)} (threshold ${fmtScore(g.threshold)}), colour ${g.colour.toFixed(3)} (threshold ${fmtScore(g.colourThreshold)}): looks like a chest X-ray.`;
+  notice.hidden = false;
+  state.pick.allowed = true;
   $("compare-all").disabled = false;
   await predict({ scroll: true });
 }
 
-function showOod(g) {
+function showOod(g, why) {
   const w = $("ood-warning");
-  w.dataset.score = String(g.score);
-  w.dataset.reason = g.reason;
-  const why =
-    g.reason === "colour"
-      ? `It is in colour (colourfulness ${g.colour.toFixed(3)}, limit ${fmtScore(g.colourThreshold)}), and X-rays are grayscale.`
-      : `Its guard score is ${fmtScore(g.score)}, above the threshold of ${fmtScore(g.threshold)} (higher means less like the training X-rays).`;
-  $("ood-text").textContent = `${why} Guard score ${fmtScore(g.score)}, threshold ${fmtScore(g.threshold)}.`;
+  if (why !== null) {
+    // The check could not run: say so and why; the same confirmation is asked.
+    w.dataset.reason = "unavailable";
+    $("ood-title").textContent = "The X-ray check could not run, so this picture was not checked.";
+    $("ood-text").textContent = `Why: ${why}. Only go on if this is a frontal chest X-ray.`;
+  } else {
+    w.dataset.score = String(g.score);
+    w.dataset.reason = g.reason;
+    const what =
+      g.reason === "colour"
+        ? `It is in colour (colourfulness ${g.colour.toFixed(3)}, limit ${fmtScore(g.colourThreshold)}), and X-rays are grayscale.`
+        : `Its guard score is ${fmtScore(g.score)}, above the threshold of ${fmtScore(g.threshold)} (higher means less like the training X-rays).`;
+    $("ood-title").textContent = "This does not look like a frontal chest X-ray.";
+    $("ood-text").textContent = `${what} Guard score ${fmtScore(g.score)}, threshold ${fmtScore(g.threshold)}.`;
+  }
   w.hidden = false;
 }
 
@@ -141,7 +146,9 @@ async function classifyAnyway() {
   clearOod();
   $("compare-all").disabled = false;
   const n = $("guard-notice");
-  n.textContent = "Classified although the guard flagged this picture: treat the output with extra caution.";
+  n.textContent = state.pick.guardError
+    ? `Classified without the X-ray check (${state.pick.guardError}): treat the output with extra caution.`
+    : "Classified although the guard flagged this picture: treat the output with extra caution.";
   n.hidden = false;
   await predict();
 }

@@ -27,7 +27,7 @@ function findingTable(perFinding) {
   const head = ["Finding folder", "Images", "Called COVID", "95% CI"];
   return el(
     "div",
-    { class: "table-scroll" },
+    { class: "table-scroll", tabindex: "0" },
     el(
       "table",
       { class: "metric-table per-finding" },

@@ -24,7 +24,11 @@ const md = new Marked({
 });
 
 export function renderMarkdown(text) {
-  return md.parse(String(text || ""));
+  // A wide table scrolls sideways in a box that the keyboard can reach too.
+  return md
+    .parse(String(text || ""))
+    .replace(/<table>/g, '<div class="table-scroll" tabindex="0"><table>')
+    .replace(/<\/table>/g, "</table></div>");
 }
 
 export function renderInline(text) {
