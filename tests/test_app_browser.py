@@ -4,8 +4,11 @@ served by ``python -m covid_app.serve`` as ``make app`` does.
 
 Probabilities shown are checked against Python's TFLite interpreter on the same image file, the
 heatmap against the same occlusion computed in Python, and the app against offline use and bad
-input. A 390x844 screenshot of the results screen is taken; it replaces the README's picture in
-docs/screenshots/ only on request (COVID_SCREENSHOTS=docs/screenshots).
+input. The out-of-distribution guard fails closed (a guard file that is missing or corrupt, or a
+bundle without a guard, asks for the same confirmation as a flagged picture); the four screens
+pass axe-core's serious and critical rules; Chromium finds the app installable. A 390x844
+screenshot of the results screen is taken; it replaces the README's picture in docs/screenshots/
+only on request (COVID_SCREENSHOTS=docs/screenshots).
 """
 
 from __future__ import annotations
@@ -17,46 +20,32 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from covid_data.labels import CLASSES
-from tests.conftest import MOBILENET_WEIGHTS, REPO, SAMPLE, SHARED, require_shared, skip_or_fail
+from tests.app_browser import (
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    PHONE,
+    PROB_TOLERANCE,
+    SCREENSHOT,
+    Server,
+    _classify,
+    _pick,
+    _python_probs,
+    _require_browser,
+    _test_xrays,
+    axe_violations,
+    installability_errors,
+)
+from tests.conftest import MOBILENET_WEIGHTS, REPO, SAMPLE, SHARED, require_shared
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = Path("/usr/bin/chromium")
-# As root in a container, with no network: the flags the machine's notes name.
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-default-apps",
-]
-PHONE = {"width": 390, "height": 844}
-SCREENSHOT = REPO / "docs" / "screenshots" / "app-results-390x844.png"
-PROB_TOLERANCE = 1e-4
 SHENZHEN = SHARED / "data" / "shenzhen-cxr"  # pre-pandemic X-rays: a negative external set
-
-
-def _require_browser() -> None:
-    missing = None
-    if not CHROMIUM.exists():
-        missing = f"Debian's Chromium at {CHROMIUM} (apt-get install chromium; `make test` installs it)"
-    else:
-        try:
-            import playwright.sync_api  # noqa: F401
-        except ImportError:
-            missing = "the playwright Python package (pip install -e '.[test]')"
-    if missing:
-        skip_or_fail(f"the browser tests need {missing}")
 
 
 @pytest.fixture(scope="module")
@@ -89,34 +78,6 @@ def published(tmp_path_factory) -> dict:
     return {"store": store, "run_id": run_id, "app": app, "data": data, "env": env}
 
 
-class Server:
-    """``python -m covid_app.serve`` on a free loopback port."""
-
-    def __init__(self, store: Path, env: dict) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "covid_app.serve", "--store", str(store), "--port", "0"],
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        deadline = time.time() + 120
-        for line in self.proc.stdout:
-            m = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
-            if m:
-                self.url = m.group(1)
-                return
-            if time.time() > deadline:
-                break
-        self.proc.kill()
-        raise RuntimeError(f"the app server did not start: {self.proc.stdout.read()}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def server(published):
     s = Server(published["store"], published["env"])
@@ -146,57 +107,6 @@ def page(browser, server):
     yield pg
     ctx.close()
     assert not errors, f"uncaught errors in the page: {errors}"
-
-
-def _test_xrays(published, n: int) -> list[Path]:
-    """Real test-split X-rays of the published run, one per class first."""
-    import pandas as pd
-
-    split = json.loads((published["store"] / "runs" / published["run_id"] / "run.json").read_text())["dataset"]
-    table = pd.read_parquet(split["split"])
-    test = table[table["split"] == "test"].sort_values("path")
-    root = Path(split["split"]).parents[2]
-    picks = [test[test["label"] == c].iloc[0]["path"] for c in CLASSES]
-    picks += test["path"].tolist()[: max(0, n - len(picks))]
-    return [root / p for p in picks[:n]]
-
-
-def _python_probs(tflite: Path, image: Path, size: int, channels: int) -> np.ndarray:
-    import tensorflow as tf
-
-    from covid_models.data import decode_resize
-
-    x = decode_resize(str(image), size, channels).numpy().astype("float32")[None]
-    it = tf.lite.Interpreter(model_path=str(tflite))
-    it.allocate_tensors()
-    it.set_tensor(it.get_input_details()[0]["index"], x)
-    it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"])[0]
-
-
-def _pick(page, path: Path, selector: str = "#file-input") -> None:
-    page.set_input_files(selector, str(path))
-
-
-def _shown_probs(page, model: str) -> np.ndarray:
-    page.wait_for_selector(f"#results[data-state='done'][data-model='{model}']", timeout=60_000)
-    return np.array([float(page.get_attribute(f"#results [data-class='{c}']", "data-prob")) for c in CLASSES])
-
-
-def _classify(page, path: Path, model: str) -> np.ndarray:
-    page.click(f"#model-list [data-model='{model}']")
-    _pick(page, path)
-    page.wait_for_function(
-        """m => {
-            const r = document.querySelector('#results'), w = document.querySelector('#ood-warning');
-            return (r && !r.hidden && r.dataset.state === 'done' && r.dataset.model === m) || (w && !w.hidden);
-        }""",
-        arg=model,
-        timeout=60_000,
-    )
-    if page.is_visible("#ood-warning"):  # a real X-ray the guard doubts: the user may go on
-        page.click("#classify-anyway")
-    return _shown_probs(page, model)
 
 
 def test_bundle_lists_the_runs_top_three(published):
@@ -410,3 +320,82 @@ def test_results_screenshot_at_phone_size(page, published, tmp_path):
 
     with Image.open(shot) as im:
         assert im.width == PHONE["width"] * 2  # device scale factor 2
+
+
+def test_guard_fails_closed(browser, server, published):
+    """A guard that cannot run asks for the same confirmation as a flagged picture, and says why:
+    the bundle's guard file missing (404) or corrupt, or a bundle built without a guard."""
+    data = published["data"]
+    no_guard = {**data, "guard": None, "guard_note": "the guard needs ImageNet MobileNetV2 weights: none here"}
+    cases = {
+        "missing": lambda r: r.fulfill(status=404, body="not found"),
+        "corrupt": lambda r: r.fulfill(
+            status=200, body=b"not a tflite file" * 64, content_type="application/octet-stream"
+        ),
+    }
+    ctx = browser.new_context(viewport=PHONE, service_workers="block")  # every request reaches the routes
+    try:
+        pg = ctx.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        image = _test_xrays(published, 1)[0]
+        model = data["models"][0]["name"]
+        for case in ("missing", "corrupt", "no guard"):
+            pg.unroute("**/*")
+            if case == "no guard":
+                pg.route("**/data/app.json", lambda r: r.fulfill(json=no_guard))
+            else:
+                pg.route(f"**/{data['guard']['file']}", cases[case])
+            pg.goto(server.url + "#/")
+            pg.reload()
+            pg.wait_for_selector("body[data-ready='true']", timeout=60_000)
+            _pick(pg, image)
+            pg.wait_for_selector("#ood-warning[data-reason='unavailable']", state="visible", timeout=60_000)
+            text = pg.inner_text("#ood-warning").lower()
+            assert "could not run" in text and "why:" in text, (case, text)
+            if case == "no guard":
+                assert "imagenet mobilenetv2 weights" in text, text
+            assert pg.evaluate("document.querySelectorAll('#results [data-prob]').length") == 0, case
+            assert not pg.is_visible("#results"), f"{case}: a result was shown before confirming"
+            if case == "corrupt":
+                assert not axe_violations(pg, "the confirmation")
+            pg.click("#classify-anyway")
+            pg.wait_for_selector(f"#results[data-state='done'][data-model='{model}']", timeout=60_000)
+            assert "without the x-ray check" in pg.inner_text("#guard-notice").lower()
+        for screen in ("#/about", f"#/model/{model}"):  # the pages say the check is unavailable
+            pg.goto(server.url + screen)
+            pg.wait_for_selector(".guard-unavailable", timeout=30_000)
+            assert "unavailable" in pg.inner_text(".guard-unavailable >> visible=true")
+        assert not errors, errors
+    finally:
+        ctx.close()
+
+
+def test_accessibility_of_the_four_screens(page, published):
+    """axe-core on the start, result, model and About screens: no serious or critical violation."""
+    found = axe_violations(page, "start")
+    m = published["data"]["models"][0]["name"]
+    _classify(page, _test_xrays(published, 1)[0], m)
+    found += axe_violations(page, "result")
+    page.goto(page.url.split("#")[0] + f"#/model/{m}")
+    page.wait_for_selector(f"#model-page[data-model='{m}']", timeout=30_000)
+    found += axe_violations(page, "model page")
+    page.goto(page.url.split("#")[0] + "#/about")
+    page.wait_for_selector("#about-page h2", timeout=30_000)
+    found += axe_violations(page, "about")
+    assert not found, "serious or critical accessibility violations:\n" + "\n".join(found)
+
+
+def test_installable(browser, server, tmp_path):
+    """Chromium's own installability check (manifest, icons, service worker) finds nothing. It needs a
+    profile on disk: a context of the shared browser is incognito, which Chromium never installs from."""
+    ctx = browser.browser_type.launch_persistent_context(
+        tmp_path / "profile", executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True, viewport=PHONE
+    )
+    try:
+        pg = ctx.new_page()
+        pg.goto(server.url)
+        pg.wait_for_selector("body[data-offline='ready']", timeout=120_000)
+        assert installability_errors(pg) == []
+    finally:
+        ctx.close()
