@@ -53,8 +53,8 @@ def model_card(
         "## Training",
         f"Input {config['input_size']}x{config['input_size']} grayscale (raw pixels; preprocessing inside the model); "
         + (
-            f"{describe_weights(model, config, weights)} (each member resized to its own input size, bilinear with antialiasing as in training; "
-            "the members are the run's best by validation accuracy and their temperatures were fitted on "
+            f"{describe_weights(model, config, weights)} (each member resized to its own input size, antialiased "
+            "as in training; the members are the run's best by validation accuracy and their temperatures were fitted on "
             "validation: its validation accuracy flatters it, so it ranks above its best member only when it "
             "beats that member significantly there)."
             if is_ensemble(model)
