@@ -54,8 +54,8 @@ def model_card(
         f"Input {config['input_size']}x{config['input_size']} grayscale (raw pixels; preprocessing inside the model); "
         + (
             f"{describe_weights(model, config, weights)} (each member resized to its own input size, antialiased "
-            "as in training; the members are the run's best by validation accuracy and their temperatures were fitted on "
-            "validation: its validation accuracy flatters it, so it ranks above its best member only when it "
+            "as in training; the members are the run's best by validation accuracy and their temperatures were "
+            "fitted on validation: its validation accuracy flatters it, so it ranks above its best member only when it "
             "beats that member significantly there)."
             if is_ensemble(model)
             else f"{describe_weights(model, config, weights)}; {config['epochs']} epochs max, learning rate "
