@@ -1,11 +1,15 @@
 """One stage of a tiny retraining run, as a process of its own, for the crash-safety test.
 
-    python tests/crash_stages.py STAGE --source DIR --store DIR --run-id ID
+    python tests/crash_stages.py STAGE --source DIR --store DIR --run-id ID [--external DIR]
 
-Stages, in order: prepare (publish the dataset version and its split), train (a tiny custom CNN),
-export (its Core ML and TFLite files), publish (the run folder), complete (report and run.json)
-and promote (bless, then the champion compare-and-swap: last, as in the retrain flow). Each calls
-the plain functions the Prefect tasks wrap, and derives its inputs from the store alone, so a rerun after a kill starts
+Stages, in the retrain flow's order: prepare (publish the dataset version and its split), train
+(two tiny models: a custom CNN and a MobileNetV2 at another size), calibrate (each one's
+temperature), ensemble (their average, with an in-graph resize), evaluate (the first model on an
+external labelled set: its dataset version and the evaluation unit), export (the first model's
+Core ML and TFLite files), publish (the run folder), guard (the split's out-of-distribution
+guard), bundle (the run's app bundle), complete (report and run.json) and promote (bless, then
+the champion compare-and-swap: last, as in the retrain flow). Each calls the plain functions the
+Prefect tasks wrap, and derives its inputs from the store alone, so a rerun after a kill starts
 from whatever the killed process left. Set ``COVID_FAULT_KILL_AFTER`` / ``COVID_FAULT_COUNTER``
 to have the process SIGKILL itself after its N-th store write (covid_data.store).
 """
@@ -18,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = ("prepare", "train", "export", "publish", "complete", "promote")
+STAGES = ("prepare", "train", "calibrate", "ensemble", "evaluate", "export")
+STAGES += ("publish", "guard", "bundle", "complete", "promote")
 RATIOS = (0.5, 0.25, 0.25)
 
 
@@ -37,7 +42,9 @@ def _preset():
 
     return Preset(
         name="crash-test",
-        models=("custom_cnn",),  # one model: every write boundary of a slot, at a quarter of the time
+        # two models (an ensemble needs two), at two sizes: the ensemble resizes in its graph
+        models=("custom_cnn", "vgg16"),
+        overrides={"custom_cnn": {"input_size": 40}, "vgg16": {"weights": "scratch"}},
         input_size=32,
         epochs=1,
         weights="none",
@@ -61,11 +68,24 @@ def _records(store_uri: str) -> tuple[list[dict], dict]:
     return [r.to_dict() if r else None for r in records], {**data, "configs": configs}
 
 
+def _members(records: list[dict], data: dict) -> list[dict]:
+    from covid_eval.calibration import ensure_calibration
+
+    return [
+        {
+            "model": r["model"],
+            "out": r["out"],
+            "temperature": ensure_calibration(r["out"], data["split"])["temperature"],
+        }
+        for r in records
+    ]
+
+
 def _exports(records: list[dict], data: dict) -> list[dict]:
     from covid_registry.exports import ensure_exports
 
     out = []
-    for r in records:
+    for r in records[:1]:  # the first model: every export unit's write boundaries, at half the time
         version = "/".join(r["out"].rstrip("/").rsplit("/", 2)[-2:])
         variants = ensure_exports(
             r["out"], ["coreml", "tflite"], split_uri=data["split"], version=version, metrics={}, parity_images=4
@@ -74,7 +94,7 @@ def _exports(records: list[dict], data: dict) -> list[dict]:
     return out
 
 
-def run_stage(stage: str, source: str, store_uri: str, run_id: str) -> None:
+def run_stage(stage: str, source: str, store_uri: str, run_id: str, external: str | None = None) -> None:
     from covid_data.store import open_store
 
     if stage == "prepare":
@@ -95,8 +115,33 @@ def run_stage(stage: str, source: str, store_uri: str, run_id: str) -> None:
         return
     if any(r is None for r in records):
         raise RuntimeError(f"stage {stage} needs every model trained: {records}")
+    if stage == "calibrate":
+        _members(records, data)
+        return
+    if stage == "ensemble":
+        from covid_models.ensemble import build_and_evaluate, ensemble_slot_uri
+
+        members = _members(records, data)
+        build_and_evaluate(members, data["split"], ensemble_slot_uri(store_uri, data["split_hash"], members))
+        return
+    if stage == "evaluate":
+        from covid_eval.external import evaluate_external
+
+        if not external:
+            raise ValueError("the evaluate stage needs --external")
+        evaluate_external(records[0]["out"], external, store_uri, cache_dir=str(Path(store_uri).parent / "cache"))
+        return
     exports = _exports(records, data)
     if stage == "export":
+        return
+    if stage in ("guard", "bundle"):
+        from covid_app.bundle import build_run_app
+        from covid_app.guard import ensure_guard
+
+        if stage == "guard":
+            ensure_guard(store_uri, data["split"], data["split_hash"])
+        else:
+            build_run_app(store_uri, run_id, dataset=data, exports=exports, champion_uri=records[0]["out"])
         return
     from covid_eval.leaderboard import leaderboard, to_markdown
     from covid_registry import champion as registry
@@ -147,11 +192,12 @@ def main() -> None:
     ap.add_argument("--source", required=True)
     ap.add_argument("--store", required=True)
     ap.add_argument("--run-id", default="r1")
+    ap.add_argument("--external", help="the evaluate stage's external labelled set (a folder)")
     a = ap.parse_args()
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    run_stage(a.stage, a.source, a.store, a.run_id)
+    run_stage(a.stage, a.source, a.store, a.run_id, a.external)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,16 @@
-"""Crash safety: the pipeline SIGKILLed after every store write, then run again.
+"""Crash safety: the pipeline SIGKILLed at store writes, then run again.
 
-Each stage of a tiny retraining run (tests/crash_stages.py: prepare, train, export, publish,
-complete, promote) runs as a real process that kills itself with SIGKILL right after its N-th
-store write, for every N until the stage finishes without reaching N; then the stage runs again.
-Every rerun must complete; every unit that was complete before the kill must be byte-identical
-after; ``champion.json`` must always parse and point at a complete model; the champion history
-is append-only; and the rerun must end where an uninterrupted run of the stage ends: the same
-complete units, the same champion, no orphaned files. The first run (r0) covers every stage from
-an empty store; a second run (r1) covers publishing and replacing an existing champion.
+Each stage of a tiny retraining run (tests/crash_stages.py: prepare, train, calibrate, ensemble,
+evaluate, export, publish, guard, bundle, complete, promote) runs as a real process that kills
+itself with SIGKILL right after its N-th store write; then the stage runs again. An uninterrupted
+run first logs every stage's writes; each stage is then killed on both sides of the first
+completion marker of each kind it writes (the writes where a unit goes from incomplete to
+complete), or, without markers, at its first and last write. Every rerun must complete; every unit that
+was complete before the kill must be byte-identical after; ``champion.json`` must always parse and
+point at a complete model; the champion history is append-only; and the rerun must end where an
+uninterrupted run of the stage ends: the same complete units, the same champion, no orphaned
+files. The first run (r0) covers every stage from an empty store; a second run (r1) covers
+publishing beside an existing run and replacing an existing champion.
 """
 
 from __future__ import annotations
@@ -24,39 +27,49 @@ from pathlib import Path
 import pytest
 
 from covid_data.store import md5_file
-from tests.conftest import make_kaggle_folder
+from tests.conftest import SHARED, make_kaggle_folder, require_shared
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 HERE = Path(__file__).parent
-STAGES_R0 = ("prepare", "train", "export", "publish", "complete", "promote")
+STAGES_R0 = ("prepare", "train", "calibrate", "ensemble", "evaluate", "export")
+STAGES_R0 += ("publish", "guard", "bundle", "complete", "promote")
 STAGES_R1 = ("publish", "complete", "promote")
-MARKERS = ("metrics.json", "export.json", "run.json", "split.json", "manifest.parquet", "_COMPLETE.json")
+MARKERS = (
+    "metrics.json", "export.json", "run.json", "split.json", "manifest.parquet", "_COMPLETE.json",
+    "calibration.json", "evaluation.json", "guard.json", "bundle.json",
+)  # fmt: skip
 
 
-def _env(work: Path, kill_after: int | None) -> dict[str, str]:
+def _env(work: Path, kill_after: int | None, log: Path | None = None) -> dict[str, str]:
     env = {
         **os.environ,
         "COVID_CACHE_DIR": str(work / "cache"),
+        "COVID_WEIGHTS_DIR": str(SHARED / "weights"),  # the guard's MobileNetV2
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "TF_NUM_INTRAOP_THREADS": "1",
         "TF_NUM_INTEROP_THREADS": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(HERE.parent),
     }
-    env.pop("COVID_FAULT_KILL_AFTER", None)
-    if kill_after is not None:
+    for k in ("COVID_FAULT_KILL_AFTER", "COVID_FAULT_COUNTER", "COVID_FAULT_LOG"):
+        env.pop(k, None)
+    if kill_after is not None or log is not None:
         counter = work / "writes.count"
         counter.unlink(missing_ok=True)
-        env.update(COVID_FAULT_KILL_AFTER=str(kill_after), COVID_FAULT_COUNTER=str(counter))
+        env.update(COVID_FAULT_KILL_AFTER=str(kill_after or 10**9), COVID_FAULT_COUNTER=str(counter))
+    if log is not None:  # count and name the writes, kill none
+        log.unlink(missing_ok=True)
+        env["COVID_FAULT_LOG"] = str(log)
     return env
 
 
-def _stage(stage: str, source: Path, work: Path, run_id: str, kill_after: int | None = None):
+def _stage(stage: str, source: Path, work: Path, run_id: str, kill_after: int | None = None, log: Path | None = None):
+    external = source.parent / "external"
     return subprocess.run(
         [sys.executable, str(HERE / "crash_stages.py"), stage, "--source", str(source), "--store", str(work / "store")]
-        + ["--run-id", run_id],
-        env=_env(work, kill_after),
+        + ["--run-id", run_id, "--external", str(external)],
+        env=_env(work, kill_after, log),
         capture_output=True,
         text=True,
         timeout=600,
@@ -78,8 +91,8 @@ def complete_units(store: Path, files: dict[str, str]) -> dict[str, set[str]]:
         prefix, _, name = key.rpartition("/")
         if key.startswith("champion/history/"):
             units[key] = {key}  # each history entry is written once, never replaced
-        elif key.startswith("runs/") and key.count("/") > 2:
-            continue  # copies inside a run folder: run.json covers them
+        elif key.startswith("runs/") and key.count("/") > 2 and name != "bundle.json":
+            continue  # copies inside a run folder: run.json covers them (the app bundle is a unit of its own)
         elif name in MARKERS:
             if name == "manifest.parquet":  # a dataset version: images, dataset.json, manifest
                 members = {k for k in files if k.startswith(prefix + "/") and "/splits/" not in k}
@@ -141,6 +154,7 @@ class Slot:
     def __init__(self, root: Path, source: Path):
         self.work, self.source = root, source
         self.states: dict[str, Path] = {}
+        self.writes: dict[str, list[str]] = {}  # "<run>/<stage>": the keys it wrote, in order
 
     def save(self, name: str) -> None:
         dest = self.work.parent / f"{self.work.name}-state-{name}"
@@ -156,18 +170,17 @@ class Slot:
             (self.work / "store").mkdir(parents=True)
 
     def build(self) -> None:
-        """The states before each stage, from an uninterrupted run of r0 then r1."""
+        """The states before each stage, and each stage's writes, from an uninterrupted run of r0
+        then r1."""
         self.restore(None)
         self.save("r0-prepare")
-        for i, stage in enumerate(STAGES_R0):
-            res = _stage(stage, self.source, self.work, "r0")
-            assert res.returncode == 0, f"{stage} failed uninterrupted:\n{res.stderr[-3000:]}"
-            nxt = STAGES_R0[i + 1] if i + 1 < len(STAGES_R0) else None
-            self.save(f"r0-{nxt}" if nxt else "r1-publish")
-        for i, stage in enumerate(STAGES_R1):
-            res = _stage(stage, self.source, self.work, "r1")
-            assert res.returncode == 0, f"r1 {stage} failed uninterrupted:\n{res.stderr[-3000:]}"
-            self.save(f"r1-{STAGES_R1[i + 1]}" if i + 1 < len(STAGES_R1) else "r1-end")
+        for run_id, stages in (("r0", STAGES_R0), ("r1", STAGES_R1)):
+            for stage in stages:
+                log = self.work.parent / f"writes-{run_id}-{stage}.log"
+                res = _stage(stage, self.source, self.work, run_id, log=log)
+                assert res.returncode == 0, f"{run_id} {stage} failed uninterrupted:\n{res.stderr[-3000:]}"
+                self.writes[f"{run_id}/{stage}"] = [ln.split("\t", 1)[1] for ln in log.read_text().splitlines()]
+                self.save(self.after(run_id, stage))
 
     def kill_point(self, run_id: str, stage: str, n: int) -> str:
         """'done' when the stage finished before its n-th write, 'killed' when it was killed and
@@ -197,29 +210,52 @@ class Slot:
         return "r1-publish" if run_id == "r0" else "r1-end"
 
 
-def test_every_store_write_is_a_safe_place_to_die(tmp_path: Path):
+def kill_points(writes: list[str]) -> list[int]:
+    """The writes (1-based) to kill a stage at: on both sides of the first completion marker of each
+    kind it writes (the unit just before and just after it becomes complete); a stage without
+    markers at its first and last write."""
+    points: set[int] = set()
+    kinds: set[str] = set()
+    for i, key in enumerate(writes, 1):
+        name = "champion.json" if key == "champion.json" else key.rpartition("/")[2]
+        if (name in MARKERS or name == "champion.json") and name not in kinds:
+            kinds.add(name)
+            points |= {i - 1, i} - {0}
+    return sorted(points or {1, len(writes)})
+
+
+def test_kill_points_are_both_sides_of_each_kind_of_unit_boundary():
+    assert kill_points(["a", "b", "metrics.json"]) == [2, 3]
+    many = [f"m/{i}.png" for i in range(6)] + ["m/metrics.json"] + [f"e/{i}" for i in range(4)] + ["e/export.json"]
+    assert kill_points(many + ["n/x.png", "n/metrics.json"]) == [6, 7, 11, 12]
+    assert kill_points(["runs/r/a.csv", "runs/r/b.md", "runs/r/c.png"]) == [1, 3]
+    assert kill_points(["champion/history/000001.json", "champion.json"]) == [1, 2]
+
+
+def test_every_unit_is_a_safe_place_to_die(tmp_path: Path):
+    require_shared(SHARED / "weights")  # the guard stage fits on ImageNet MobileNetV2 features
     source = make_kaggle_folder(tmp_path / "src", n_per_class=4, seed=5, extras=False)
+    make_kaggle_folder(tmp_path / "external", n_per_class=2, seed=6, extras=False)
     slots = [Slot(tmp_path / f"slot{i}" / "work", source) for i in range(2)]
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(Slot.build, slots))
-    covered: dict[str, int] = {}
+    # The same writes (images are published by parallel threads: their order may differ).
+    assert {k: sorted(v) for k, v in slots[0].writes.items()} == {k: sorted(v) for k, v in slots[1].writes.items()}
+    covered: dict[str, list[int]] = {}
     for run_id, stages in (("r0", STAGES_R0), ("r1", STAGES_R1)):
         for stage in stages:
-            n, finished = 1, False
-            while not finished:
+            plan = kill_points(slots[0].writes[f"{run_id}/{stage}"])
+            covered[f"{run_id}/{stage}"] = []
+            for pair in (plan[i : i + 2] for i in range(0, len(plan), 2)):
                 with ThreadPoolExecutor(2) as pool:  # two kill points at a time, one per slot
-                    futures = [
-                        pool.submit(s.kill_point, run_id, stage, k) for s, k in zip(slots, (n, n + 1), strict=True)
-                    ]
+                    futures = [pool.submit(s.kill_point, run_id, stage, k) for s, k in zip(slots, pair, strict=False)]
                     outcomes = [f.result() for f in futures]
-                killed = [k for k, o in zip((n, n + 1), outcomes, strict=True) if o == "killed"]
-                covered[f"{run_id}/{stage}"] = max([covered.get(f"{run_id}/{stage}", 0), *killed])
-                finished = "done" in outcomes
-                n += 2
-    total = sum(covered.values())
+                covered[f"{run_id}/{stage}"] += [k for k, o in zip(pair, outcomes, strict=True) if o == "killed"]
+    total = sum(map(len, covered.values()))
     print(f"kill points covered: {total} {covered}")
     (Path(os.environ.get("COVID_CRASH_REPORT", tmp_path / "kill_points.json"))).write_text(
-        json.dumps({"total": total, "per_stage": covered}, indent=2)
+        json.dumps({"total": total, "per_stage": covered, "writes": slots[0].writes}, indent=2)
     )
-    # Every stage writes: if one made no write, the hook or the stage is broken.
-    assert all(v > 0 for v in covered.values()), covered
+    # Every stage writes and is killed at every planned point: if not, the hook or the stage is broken.
+    for name, writes in slots[0].writes.items():
+        assert writes and covered[name] == kill_points(writes), (name, covered[name], writes)

@@ -3,6 +3,9 @@
 Fault injection: with ``COVID_FAULT_KILL_AFTER`` = N and ``COVID_FAULT_COUNTER`` = a file, the
 process that makes the N-th store write (counted across processes in that file) SIGKILLs itself
 right after it. The crash-safety tests use it to stop the pipeline at every write boundary.
+With ``COVID_FAULT_LOG`` = a file as well, each write appends its key there (a line per write, in
+count order): the tests learn which write completes which unit. ``COVID_FAULT_KILL_GROUP=1`` kills
+the writer's whole process group instead (a flow run with its children, as an OOM kill does).
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ class UnitConflictError(StoreError):
     """An object this attempt wrote into a unit was replaced by another writer before completion."""
 
 
-def fault_hook() -> None:
-    """Count this store write; SIGKILL this process if it is the N-th (see the module docstring)."""
+def fault_hook(key: str = "") -> None:
+    """Count this store write of ``key``; SIGKILL this process if it is the N-th (see the module docstring)."""
     limit = os.environ.get("COVID_FAULT_KILL_AFTER")
     counter = os.environ.get("COVID_FAULT_COUNTER")
     if not limit or not counter:
@@ -52,7 +55,12 @@ def fault_hook() -> None:
         f.write(str(n))
         f.flush()
         os.fsync(f.fileno())
+        if os.environ.get("COVID_FAULT_LOG"):
+            with open(os.environ["COVID_FAULT_LOG"], "a") as log:
+                log.write(f"{n}\t{key}\n")
     if n == int(limit):
+        if os.environ.get("COVID_FAULT_KILL_GROUP") == "1":
+            os.killpg(os.getpgrp(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 

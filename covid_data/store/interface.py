@@ -68,7 +68,7 @@ class Store(ABC):
         returned ``expected``. False (nothing written) when another writer got there first."""
         ok = self._swap(key, data, expected)
         if ok:
-            fault_hook()
+            fault_hook(key)
         return ok
 
     def local_path(self, key: str) -> Path | None:
@@ -97,7 +97,7 @@ class Store(ABC):
                 f"{self.uri_for(key)} already exists with different content; refusing to overwrite it"
             )
         if self._write_file(key, path, create_only=not overwrite):
-            fault_hook()
+            fault_hook(key)
             return PutResult(key, written=True)
         # Someone created it between our check and our write: compare again.
         if self.checksum(key) == local_md5:

@@ -105,7 +105,7 @@ class Unit:
         finally:
             os.unlink(tmp.name)
         if written:
-            fault_hook()
+            fault_hook(self.key(self.marker))
         return written
 
     def intact_record(self) -> dict | None:
