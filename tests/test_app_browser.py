@@ -66,6 +66,8 @@ def published(tmp_path_factory) -> dict:
         "COVID_WEIGHTS_DIR": str(MOBILENET_WEIGHTS.parent),
         "COVID_CACHE_DIR": str(base / "cache"),
         "PREFECT_HOME": str(base / "prefect"),
+        # A fresh home's temporary server migrates its database first: 20 s is too short on a loaded 2-core box.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     }
     cmd = [sys.executable, "-m", "flows.retrain", "--preset", "smoke", "--source", str(SAMPLE), "--store", str(store)]
     cmd += ["--external-source", json.dumps({"uri": str(negative), "kind": "negative", "about": about})]
