@@ -43,7 +43,8 @@ from tests.app_browser import (
 )
 from tests.conftest import MOBILENET_WEIGHTS, REPO, SAMPLE, SHARED, require_shared
 
-pytestmark = pytest.mark.slow
+# The first test also publishes the module's smoke run (about 8 minutes on 2 loaded cores): over the 600 s default.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
 SHENZHEN = SHARED / "data" / "shenzhen-cxr"  # pre-pandemic X-rays: a negative external set
 
