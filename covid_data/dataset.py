@@ -264,13 +264,15 @@ def fetch_dataset(
     workers: int | None = None,
     progress: Progress | None = None,
     kaggle_credentials: CredentialsProvider | None = None,
+    build_manifest: Callable[..., pd.DataFrame] | None = None,
 ) -> DatasetRef:
     """Bring the dataset from ``source_spec`` into the store as a content-addressed version
-    (the three steps the ``prepare-data`` flow runs as separate tasks)."""
+    (the three steps the ``prepare-data`` flow runs as separate tasks). ``build_manifest``
+    replaces :func:`manifest_of` for sets of another layout (negative sets)."""
     staged = stage_source(
         parse_source(source_spec),
         Path(cache_dir) if cache_dir else default_cache_dir(),
         kaggle_credentials=kaggle_credentials,
     )
-    manifest = manifest_of(staged, workers=workers, progress=progress)
+    manifest = (build_manifest or manifest_of)(staged, workers=workers, progress=progress)
     return publish_version(open_store(store_uri), manifest, Path(staged.root), source=staged.source)

@@ -27,15 +27,11 @@ from covid_data.dataset import (
     DatasetRef,
     Progress,
     Staged,
-    default_cache_dir,
-    parse_source,
-    publish_version,
-    stage_source,
+    fetch_dataset,
 )
 from covid_data.kaggle_download import CredentialsProvider
 from covid_data.labels import NEGATIVE_LABEL, canonical_label
 from covid_data.manifest import LayoutError, SourceFile, build_manifest, with_mask_columns
-from covid_data.store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +151,12 @@ def fetch_negative_dataset(
 ) -> DatasetRef:
     """:func:`covid_data.dataset.fetch_dataset` for a negative set: staged the same way, published
     with the negative manifest."""
-    staged = stage_source(
-        parse_source(source_spec),
-        Path(cache_dir) if cache_dir else default_cache_dir(),
+    return fetch_dataset(
+        source_spec,
+        store_uri,
+        cache_dir=cache_dir,
+        workers=workers,
+        progress=progress,
         kaggle_credentials=kaggle_credentials,
+        build_manifest=negative_manifest_of,
     )
-    manifest = negative_manifest_of(staged, workers=workers, progress=progress)
-    return publish_version(open_store(store_uri), manifest, Path(staged.root), source=staged.source)
