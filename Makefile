@@ -55,8 +55,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two workers, a test file each at a time (module fixtures such as the browser tests' published run
+# are built once): on 2 cores the suite mostly waits on servers, subprocesses and Prefect runs.
+TEST_WORKERS ?= 2
 test: $(STAMP) lint app-build browser
-	$(PY) -m pytest -ra
+	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile
 
 bench-ingest: $(STAMP)
 	$(PY) benchmarks/ingest.py

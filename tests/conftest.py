@@ -22,6 +22,8 @@ os.environ["KAGGLE_CONFIG_DIR"] = tempfile.mkdtemp(prefix="kaggle-config-")
 for _var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
     os.environ.pop(_var, None)
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Subprocess runs that start a temporary server in a fresh Prefect home migrate its database first.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 from tests.kaggle_stub import KaggleStub  # noqa: E402
 

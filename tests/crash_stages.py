@@ -12,11 +12,16 @@ the champion compare-and-swap: last, as in the retrain flow). Each calls the pla
 Prefect tasks wrap, and derives its inputs from the store alone, so a rerun after a kill starts
 from whatever the killed process left. Set ``COVID_FAULT_KILL_AFTER`` / ``COVID_FAULT_COUNTER``
 to have the process SIGKILL itself after its N-th store write (covid_data.store).
+
+    python tests/crash_stages.py --serve
+
+runs each requested stage as a forked child of one process that imported the libraries once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -186,19 +191,79 @@ def run_stage(stage: str, source: str, store_uri: str, run_id: str, external: st
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=STAGES)
     ap.add_argument("--source", required=True)
     ap.add_argument("--store", required=True)
     ap.add_argument("--run-id", default="r1")
     ap.add_argument("--external", help="the evaluate stage's external labelled set (a folder)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     import logging
 
     logging.basicConfig(level=logging.WARNING)
     run_stage(a.stage, a.source, a.store, a.run_id, a.external)
 
 
+def serve() -> None:
+    """Run stages for the crash test as forked children of one process that has imported the heavy
+    libraries once (TensorFlow's import alone takes 5-20 s on a busy 2-core machine, and the test
+    starts about a hundred stages). Reads one JSON request per line on stdin, ``{"argv": [...],
+    "env": {...}, "out": path}``; answers one JSON line, ``{"returncode": rc}``, with ``-9`` for a
+    child that SIGKILLed itself as subprocess reports it. Each child is a fresh process for the
+    store: its environment is the request's, its writes and its kill are its own."""
+    import json
+    import signal
+    import traceback
+
+    # Imported here, before any fork, and never used in this process (TensorFlow's runtime starts
+    # in each child at its first op, with the child's thread settings).
+    import coremltools  # noqa: F401
+    import keras  # noqa: F401
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import statsmodels.stats.proportion  # noqa: F401
+    import tensorflow  # noqa: F401
+
+    import covid_app.bundle  # noqa: F401
+    import covid_app.guard  # noqa: F401
+    import covid_data.dataset  # noqa: F401
+    import covid_eval.external  # noqa: F401
+    import covid_eval.leaderboard  # noqa: F401
+    import covid_models.ensemble  # noqa: F401
+    import covid_models.train  # noqa: F401
+    import covid_registry.exports  # noqa: F401
+    import covid_registry.run_folder  # noqa: F401
+
+    for line in sys.stdin:
+        req = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the child: the stage, then exit without running the parent's cleanup
+            code = 1
+            try:
+                os.environ.clear()
+                os.environ.update(req["env"])
+                fd = os.open(req["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                signal.alarm(int(req.get("timeout", 600)))  # a hung stage dies rather than hangs the test
+                main(req["argv"])
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        print(json.dumps({"returncode": rc}), flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    serve() if sys.argv[1:] == ["--serve"] else main()

@@ -64,16 +64,43 @@ def _env(work: Path, kill_after: int | None, log: Path | None = None) -> dict[st
     return env
 
 
-def _stage(stage: str, source: Path, work: Path, run_id: str, kill_after: int | None = None, log: Path | None = None):
-    external = source.parent / "external"
-    return subprocess.run(
-        [sys.executable, str(HERE / "crash_stages.py"), stage, "--source", str(source), "--store", str(work / "store")]
-        + ["--run-id", run_id, "--external", str(external)],
-        env=_env(work, kill_after, log),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+class StageServer:
+    """``crash_stages.py --serve``: each stage runs as a forked child of one process that imported
+    TensorFlow and the pipeline once, a fresh process for the store (its own environment, writes
+    and SIGKILL) without a hundred cold imports of TensorFlow."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        work.mkdir(parents=True, exist_ok=True)
+        self.log = work.parent / "stage-server.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(HERE / "crash_stages.py"), "--serve"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=_env(work, None),
+            )
+
+    def run(self, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+        out = self.work.parent / "stage.out"
+        self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "out": str(out), "timeout": 600}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, f"the stage server died:\n{self.log.read_text()[-3000:]}"
+        text = out.read_text(errors="replace")
+        return subprocess.CompletedProcess(argv, json.loads(line)["returncode"], text, text)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+def _stage(server: StageServer, stage: str, source: Path, run_id: str, kill_after: int | None = None, log=None):
+    work, external = server.work, source.parent / "external"
+    argv = [stage, "--source", str(source), "--store", str(work / "store"), "--run-id", run_id]
+    return server.run(argv + ["--external", str(external)], _env(work, kill_after, log))
 
 
 def _files(store: Path) -> dict[str, str]:
@@ -153,6 +180,7 @@ class Slot:
 
     def __init__(self, root: Path, source: Path):
         self.work, self.source = root, source
+        self.server = StageServer(root)
         self.states: dict[str, Path] = {}
         self.writes: dict[str, list[str]] = {}  # "<run>/<stage>": the keys it wrote, in order
 
@@ -177,7 +205,7 @@ class Slot:
         for run_id, stages in (("r0", STAGES_R0), ("r1", STAGES_R1)):
             for stage in stages:
                 log = self.work.parent / f"writes-{run_id}-{stage}.log"
-                res = _stage(stage, self.source, self.work, run_id, log=log)
+                res = _stage(self.server, stage, self.source, run_id, log=log)
                 assert res.returncode == 0, f"{run_id} {stage} failed uninterrupted:\n{res.stderr[-3000:]}"
                 self.writes[f"{run_id}/{stage}"] = [ln.split("\t", 1)[1] for ln in log.read_text().splitlines()]
                 self.save(self.after(run_id, stage))
@@ -187,14 +215,14 @@ class Slot:
         its rerun passed every check."""
         self.restore(f"{run_id}-{stage}")
         before_kill = _snapshot(self.work / "store")
-        res = _stage(stage, self.source, self.work, run_id, kill_after=n)
+        res = _stage(self.server, stage, self.source, run_id, kill_after=n)
         if res.returncode == 0:
             return "done"
         where = f"{run_id}/{stage} killed after write {n}"
         assert res.returncode == -signal.SIGKILL, f"{where}: exit {res.returncode}\n{res.stderr[-3000:]}"
         at_kill = _snapshot(self.work / "store")
         _check(self.work / "store", before_kill, where + " (the kill itself)")
-        rerun = _stage(stage, self.source, self.work, run_id)
+        rerun = _stage(self.server, stage, self.source, run_id)
         assert rerun.returncode == 0, f"{where}: the rerun failed\n{rerun.stderr[-3000:]}"
         _check(self.work / "store", at_kill, where + ", rerun")
         _same_end_state(self.work / "store", self.states[self.after(run_id, stage)], where + ", rerun")
@@ -237,6 +265,14 @@ def test_every_unit_is_a_safe_place_to_die(tmp_path: Path):
     source = make_kaggle_folder(tmp_path / "src", n_per_class=4, seed=5, extras=False)
     make_kaggle_folder(tmp_path / "external", n_per_class=2, seed=6, extras=False)
     slots = [Slot(tmp_path / f"slot{i}" / "work", source) for i in range(2)]
+    try:
+        _kill_everywhere(slots)
+    finally:
+        for s in slots:
+            s.server.close()
+
+
+def _kill_everywhere(slots: list[Slot]) -> None:
     with ThreadPoolExecutor(2) as pool:
         list(pool.map(Slot.build, slots))
     # The same writes (images are published by parallel threads: their order may differ).
@@ -253,9 +289,8 @@ def test_every_unit_is_a_safe_place_to_die(tmp_path: Path):
                 covered[f"{run_id}/{stage}"] += [k for k, o in zip(pair, outcomes, strict=True) if o == "killed"]
     total = sum(map(len, covered.values()))
     print(f"kill points covered: {total} {covered}")
-    (Path(os.environ.get("COVID_CRASH_REPORT", tmp_path / "kill_points.json"))).write_text(
-        json.dumps({"total": total, "per_stage": covered, "writes": slots[0].writes}, indent=2)
-    )
+    report = Path(os.environ.get("COVID_CRASH_REPORT", slots[0].work.parent / "kill_points.json"))
+    report.write_text(json.dumps({"total": total, "per_stage": covered, "writes": slots[0].writes}, indent=2))
     # Every stage writes and is killed at every planned point: if not, the hook or the stage is broken.
     for name, writes in slots[0].writes.items():
         assert writes and covered[name] == kill_points(writes), (name, covered[name], writes)

@@ -76,6 +76,7 @@ def test_train_models_runs_the_trainings_on_dask_workers(prefect_server, cluster
         assert (Path(tmp_path / m) / "metrics.json").exists()
 
 
+@pytest.mark.timeout(1200)  # a whole smoke run; over 600 s beside another test worker on 2 cores
 def test_retrain_smoke_preset_on_a_dask_cluster(prefect_server, cluster, tmp_path):
     from flows.retrain import retrain
     from flows.retrain_params import DataParams, TrainingParams

@@ -27,8 +27,8 @@ def _run(cli, params: dict) -> str:
         json.dumps(params),
         "--watch",
         "--watch-timeout",
-        "600",
-        timeout=660,
+        "1200",
+        timeout=1260,
     )
     assert "Completed" in res.stdout, res.stdout[-3000:] + cli.log("worker-local-process.log")
     return re.search(r"UUID: ([0-9a-f-]{36})", res.stdout).group(1)
@@ -112,6 +112,7 @@ def _check_run(cli, store_uri: str, flow_run_id: str, tmp_path: Path) -> dict:
     return {"record": record, "board": board}
 
 
+@pytest.mark.timeout(1800)  # two runs of three models and an ensemble: over 600 s beside another test worker
 def test_retrain_adhoc_deployment_end_to_end(prefect_cli, tmp_path):
     cli = prefect_cli
     cli.seen_runs = set()
@@ -136,6 +137,7 @@ def test_retrain_adhoc_deployment_end_to_end(prefect_cli, tmp_path):
     assert second["record"]["blessing"]["comparison"]["n"] > 0  # the champion was scored again, same images
 
 
+@pytest.mark.timeout(1200)
 def test_retrain_publishes_to_gcs(gcs_emulator, prefect_cli, tmp_path):
     cli = prefect_cli
     cli.seen_runs = set()
@@ -149,6 +151,7 @@ def test_retrain_publishes_to_gcs(gcs_emulator, prefect_cli, tmp_path):
     assert any(k.endswith("model.keras") for k in s.list("models"))
 
 
+@pytest.mark.timeout(1200)
 def test_retrain_fans_out_to_the_train_model_deployment(prefect_cli, tmp_path):
     cli = prefect_cli
     cli.seen_runs = set()

@@ -21,6 +21,7 @@ def weights_dir(monkeypatch):
     monkeypatch.setenv("COVID_WEIGHTS_DIR", str(SHARED / "weights"))
 
 
+@pytest.mark.timeout(1200)  # two smoke runs; slow beside another test worker on 2 cores
 def test_smoke_retrain_ranks_survives_a_failed_model_and_reuses(prefect_server, weights_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("COVID_CACHE_DIR", str(tmp_path / "cache"))
     source = make_kaggle_folder(tmp_path / "src", n_per_class=30, seed=51)
