@@ -86,15 +86,18 @@ def test_retrain_smoke_preset_on_a_dask_cluster(prefect_server, cluster, tmp_pat
     state = retrain(
         store=str(tmp_path / "store"),
         data=DataParams(source=str(source), profile="any"),
-        training=TrainingParams(preset="smoke", dask_address=cluster.scheduler_address),
+        # Two models, one for each worker: what is under test is where they train, not the ranking.
+        training=TrainingParams(
+            preset="smoke", models=["custom_cnn", "mobilenet_v2"], dask_address=cluster.scheduler_address
+        ),
         return_state=True,
     )
     assert state.is_completed(), state.message
     out = state.result()
     board = {r["model"]: r["status"] for r in out["leaderboard"]}
-    assert board == {"custom_cnn": "trained", "mobilenet_v2": "trained", "vgg16": "trained"}
+    assert board == {"custom_cnn": "trained", "mobilenet_v2": "trained"}
     ran = {w: n - before.get(w, 0) for w, n in _executed(cluster).items()}
-    assert sum(ran.values()) >= 3  # the three train-model tasks ran on the Dask workers
+    assert sum(ran.values()) >= 2  # the two train-model tasks ran on the Dask workers
     assert sum(n > 0 for n in ran.values()) == 2  # and both workers took part
 
 
