@@ -22,6 +22,9 @@ import pytest
 from tasks.locks import store_lock_name
 from tests.conftest import REPO
 
+# Real SIGKILLs of runs on temporary and long-lived Prefect servers: minutes, so not in the quick loop.
+pytestmark = pytest.mark.slow
+
 # A flow that takes the store lock, records when it entered (and its flow run's name), holds the
 # lock until `release_when` exists (or 120 s pass), and records when it left. LOCK_KW (JSON) adds
 # keyword arguments of store_run_lock.

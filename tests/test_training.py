@@ -152,6 +152,7 @@ def _train_cmd(split: str, out: Path, cache: Path, epochs: int) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # a real SIGKILL mid-training and a second training process
 def test_a_killed_training_resumes_where_it_stopped(small_split, tmp_path):
     out, cache = tmp_path / "out", tmp_path / "cache"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
