@@ -1,4 +1,17 @@
-"""Per-image inspection, kept free of heavy imports: it runs in the manifest's worker processes."""
+"""Per-image inspection and decoding, kept free of heavy imports: it runs in the manifest's worker
+processes and inside the tf.data pipeline.
+
+:func:`read_pixels` and :func:`to_channels` are how the pipeline, ``flows.evaluate`` and the phone app
+(``app/src/image.js``, ``app/src/preprocess.js``) turn a file into the pixels a model sees:
+
+* PNG and JPEG: decoded by Pillow (libpng; libjpeg-turbo with the accurate integer IDCT, as browsers),
+  then turned upright by the EXIF Orientation tag of a JPEG, as browsers show a camera photo
+  (``createImageBitmap``'s ``imageOrientation: "from-image"``). 16-bit PNGs keep their high byte.
+* DICOM: :mod:`covid_data.dicom` (Modality LUT, VOI LUT or window, MONOCHROME1 inverted, 8 bits).
+* To one channel: a pixel whose R, G and B are equal keeps that value, any other is
+  ``round_half_even(0.299 R + 0.587 G + 0.114 B)`` in float64 (the page's formula, not libjpeg's Y
+  channel or libpng's own weights, so colour PNGs and JPEGs give the same grey on both sides).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +19,73 @@ import functools
 import hashlib
 import io
 from pathlib import Path
+
+from covid_data.dicom import DicomError, dicom_grey, is_dicom
+
+
+class ImageError(ValueError):
+    """A file that is not a readable PNG, JPEG or DICOM image; the message names the file."""
+
+
+def read_pixels(data: bytes, where: str = "image"):
+    """Decode an image's bytes to uint8 pixels, (H, W) grey or (H, W, 3) RGB, upright (see above)."""
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageError(f"{where}: empty file (0 bytes)")
+    if is_dicom(data):
+        try:
+            return dicom_grey(data, where)
+        except DicomError as e:
+            raise ImageError(str(e)) from e
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format not in ("PNG", "JPEG"):
+                raise ImageError(f"{where}: unsupported image format {im.format} (PNG, JPEG or DICOM expected)")
+            im.load()
+            if im.format == "JPEG":
+                im = ImageOps.exif_transpose(im)
+            return _pixels(im, np)
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{where}: not an image (PNG, JPEG or DICOM expected)") from e
+    except ImageError:
+        raise
+    except Exception as e:  # PIL raises many types for damaged streams
+        raise ImageError(f"{where}: does not decode: {type(e).__name__}: {e}") from e
+
+
+def _pixels(im, np):
+    mode = im.mode
+    if mode == "L":
+        return np.asarray(im, dtype=np.uint8)
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8)
+    if mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey PNG: its high byte, as libpng's strip_16
+        return (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+    if mode == "LA":
+        return np.asarray(im, dtype=np.uint8)[..., 0]
+    if mode == "RGBA":
+        return np.asarray(im, dtype=np.uint8)[..., :3]
+    if mode == "1":
+        return np.asarray(im.convert("L"), dtype=np.uint8)
+    return np.asarray(im.convert("RGBA"), dtype=np.uint8)[..., :3]  # palette, CMYK, ...
+
+
+def to_channels(px, channels: int):
+    """uint8 (H, W, channels) from :func:`read_pixels`' output, grey computed as the page does."""
+    import numpy as np
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
+    if px.ndim == 2:
+        return px[..., None] if channels == 1 else np.repeat(px[..., None], 3, axis=2)
+    if channels == 3:
+        return px
+    r, g, b = (px[..., i].astype(np.float64) for i in range(3))
+    grey = np.clip(np.round(0.299 * r + 0.587 * g + 0.114 * b), 0, 255).astype(np.uint8)
+    same = (px[..., 0] == px[..., 1]) & (px[..., 1] == px[..., 2])
+    return np.where(same, px[..., 0], grey)[..., None]
 
 
 def inspect_image(data: bytes) -> dict:
@@ -24,6 +104,15 @@ def inspect_image(data: bytes) -> dict:
     if not data:
         out["error"] = "empty file (0 bytes)"
         return out
+    if is_dicom(data):
+        try:
+            grey = dicom_grey(data, "DICOM file")
+        except DicomError as e:
+            out["error"] = str(e)
+            return out
+        out.update(height=int(grey.shape[0]), width=int(grey.shape[1]), mode="L")
+        out["phash"] = _phash(Image.fromarray(grey))
+        return out
     try:
         with Image.open(io.BytesIO(data)) as im:
             out.update(width=im.width, height=im.height, mode=im.mode)
@@ -31,7 +120,14 @@ def inspect_image(data: bytes) -> dict:
                 out["error"] = f"unsupported image format {im.format}"
                 return out
             im.load()  # full decode: a truncated or corrupt stream fails here
-            out["phash"] = _phash(im)
+            if im.format == "JPEG":
+                from PIL import ImageOps
+
+                upright = ImageOps.exif_transpose(im)  # the size and pixels the models see
+                out.update(width=upright.width, height=upright.height)
+                out["phash"] = _phash(upright)
+            else:
+                out["phash"] = _phash(im)
     except UnidentifiedImageError:
         out["error"] = "not an image (no known image format)"
     except Exception as e:  # PIL raises many types for damaged streams

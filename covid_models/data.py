@@ -1,6 +1,7 @@
 """The tf.data input pipeline: the paper's steps, made fast.
 
-read -> decode PNG/JPEG -> grayscale/RGB -> resize -> cache -> shuffle (train) -> repeat (train)
+read -> decode PNG/JPEG/DICOM (``covid_data.imaging``, as the phone app) -> grayscale/RGB
+-> resize -> cache -> shuffle (train) -> repeat (train)
 -> batch -> prefetch.
 
 Images are read straight from a local store, or staged once from ``gs://`` into a local cache.
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from covid_data.dataset import default_cache_dir
+from covid_data.imaging import read_pixels, to_channels
 from covid_data.labels import CLASSES
 from covid_data.split import SplitRef, load_split
 
@@ -89,11 +91,21 @@ def global_batch_size(replicas: int = 1, per_replica: int = PER_REPLICA_BATCH) -
     return per_replica * max(1, replicas)
 
 
+# The modules whose code decides the pixels (this one resizes, these decode): cached pixels made by
+# other code are never reused.
+_PIXEL_CODE = ("covid_models/data.py", "covid_data/imaging.py", "covid_data/dicom.py")
+
+
 @functools.cache
 def pipeline_version() -> str:
-    """A fingerprint of this module, which decodes and resizes: cached pixels made by other code
-    (the JPEG decoder's ``dct_method`` once changed) are never reused."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
+    """A fingerprint of the code that decodes and resizes (``_PIXEL_CODE``): cached pixels made by
+    other code (the JPEG decoder's ``dct_method`` once changed, then EXIF orientation and grey) are
+    never reused."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for name in _PIXEL_CODE:
+        h.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
+    return h.hexdigest()[:10]
 
 
 def cache_path(cache_dir: Path, split_hash: str, split: str, size: int, channels: int) -> str:
@@ -102,18 +114,24 @@ def cache_path(cache_dir: Path, split_hash: str, split: str, size: int, channels
     return str(d / split)
 
 
+def decode_file(path: bytes | str | np.ndarray, raw: bytes | np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (H, W, channels) pixels of one file's bytes: PNG, JPEG (upright by its EXIF orientation)
+    or DICOM, grey as the phone app computes it (:mod:`covid_data.imaging`). Bad input raises
+    :class:`covid_data.imaging.ImageError` naming the file."""
+    path, raw = (v.item() if isinstance(v, np.ndarray) else v for v in (path, raw))  # tf hands 0-d arrays
+    where = path.decode(errors="replace") if isinstance(path, bytes) else str(path)
+    return np.ascontiguousarray(to_channels(read_pixels(raw, where), int(channels)))
+
+
 def decode_resize(path, size: int, channels: int):
-    """Read, decode (PNG or JPEG), convert to ``channels``, resize; uint8 out."""
+    """Read, decode (:func:`decode_file`), resize (antialiased bilinear), round; uint8 out."""
     import tensorflow as tf
 
     raw = tf.io.read_file(path)
-    # JPEG with the exact IDCT, as browsers and PIL decode it (decode_image's default is the fast,
-    # inexact one): the phone app then sees the same pixels as the pipeline.
-    img = tf.cond(
-        tf.io.is_jpeg(raw),
-        lambda: tf.io.decode_jpeg(raw, channels=channels, dct_method="INTEGER_ACCURATE"),
-        lambda: tf.io.decode_image(raw, channels=channels, expand_animations=False),
+    img = tf.numpy_function(
+        functools.partial(decode_file, channels=channels), [path, raw], tf.uint8, stateful=False, name="decode_file"
     )
+    img.set_shape([None, None, channels])
     img = tf.image.resize(img, (size, size), method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
 

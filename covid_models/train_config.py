@@ -23,6 +23,7 @@ from typing import Any
 
 from covid_models.augment import RECIPES
 from covid_models.builders import MODEL_NAMES, is_transfer
+from covid_models.data import pipeline_version
 from covid_models.strategy import AUTO, canonical_device, resolve_device
 from covid_models.weights import keras_file_names, resolve_imagenet
 
@@ -168,6 +169,8 @@ def code_version() -> str:
     for name in _TRAINING_CODE:
         p = here / name
         h.update(name.encode() + b"\0" + (p.read_bytes() if p.exists() else b"") + b"\0")
+    # The decoders in covid_data make the pixels too.
+    h.update(b"pixels\0" + pipeline_version().encode())
     return h.hexdigest()[:12]
 
 

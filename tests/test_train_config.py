@@ -98,7 +98,11 @@ def test_cached_pixels_and_features_are_keyed_on_the_code_that_made_them(tmp_pat
 
     from covid_models import data, feature_cache
 
-    own = hashlib.sha256(Path(data.__file__).read_bytes()).hexdigest()[:10]
+    root = Path(data.__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for name in ("covid_models/data.py", "covid_data/imaging.py", "covid_data/dicom.py"):  # resize and decoders
+        h.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
+    own = h.hexdigest()[:10]
     assert data.pipeline_version() == own
     assert Path(data.cache_path(tmp_path, "h", "train", 224, 1)).parent.name == f"h-224px-1ch-{own}"
     split = data.SplitData("h", "v", tmp_path, {})
