@@ -15,6 +15,8 @@ rmSync(dist, { recursive: true, force: true });
 mkdirSync(dist, { recursive: true });
 
 const common = { bundle: true, minify: true, platform: "browser", logLevel: "warning", legalComments: "linked" };
+// The OpenJPEG glue (Emscripten) names node's fs/path in a branch that never runs in a browser.
+const nodeOnly = ["fs", "path"];
 
 await esbuild.build({
   ...common,
@@ -23,6 +25,7 @@ await esbuild.build({
   format: "esm",
   target: ["es2022", "chrome109", "safari16.4", "firefox115"],
   sourcemap: true,
+  external: nodeOnly,
 });
 
 await esbuild.build({
@@ -67,6 +70,15 @@ for (const f of wanted) {
   }
   cpSync(join(wasmDir, f), join(dist, "wasm", f));
 }
+
+// The JPEG 2000 decoder for DICOM (OpenJPEG in WebAssembly), loaded only when a JPEG 2000 DICOM is opened.
+const j2k = require.resolve("@cornerstonejs/codec-openjpeg/decodewasm");
+if (!existsSync(j2k)) {
+  console.error(`build: missing ${j2k}`);
+  process.exit(1);
+}
+mkdirSync(join(dist, "codecs"));
+cpSync(j2k, join(dist, "codecs", "openjpegwasm_decode.wasm"));
 
 const list = (d, p = "") =>
   readdirSync(d).flatMap((n) => (statSync(join(d, n)).isDirectory() ? list(join(d, n), `${p}${n}/`) : [`${p}${n}`]));

@@ -132,6 +132,13 @@ def decode_resize(path, size: int, channels: int):
         functools.partial(decode_file, channels=channels), [path, raw], tf.uint8, stateful=False, name="decode_file"
     )
     img.set_shape([None, None, channels])
+    return resize_pixels(img, size)
+
+
+def resize_pixels(img, size: int):
+    """uint8 (H, W, C) pixels to the model's (size, size, C): antialiased bilinear, rounded half to even."""
+    import tensorflow as tf
+
     img = tf.image.resize(img, (size, size), method="bilinear", antialias=True)
     return tf.cast(tf.clip_by_value(tf.round(img), 0.0, 255.0), tf.uint8)
 

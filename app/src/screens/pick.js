@@ -1,7 +1,7 @@
 // The pick card: reading a chosen or photographed image, the out-of-distribution
 // guard and its warning, then handing over to the prediction.
 import { checkGuard } from "../guard.js";
-import { AppError, inspectBytes, decodeToRgba } from "../image.js";
+import { AppError, inspectBytes, readPicked } from "../image.js";
 import { runModel } from "../runtime.js";
 import { $, fmtScore, str } from "../ui/format.js";
 import { safe, clearError, setStatus } from "../ui/status.js";
@@ -61,25 +61,24 @@ async function handleFile(file) {
     throw new AppError("decode", "The file could not be read.");
   }
   if (seq !== state.pickSeq) return;
+  let checked;
   try {
-    inspectBytes(bytes); // throws empty / not-image / too-large before any decoding
+    checked = inspectBytes(bytes); // throws empty / not-image / too-large before any decoding
   } catch (e) {
     setStatus("Pick another image.");
     throw e;
   }
-  const type = bytes[0] === 0x89 ? "image/png" : "image/jpeg";
-  const blob = new Blob([bytes], { type });
   let decoded;
   try {
-    decoded = await decodeToRgba(blob);
+    decoded = await readPicked(bytes, checked); // PNG/JPEG (EXIF upright) or DICOM, to RGBA
   } catch (e) {
     setStatus("Pick another image.");
     throw e;
   }
   if (seq !== state.pickSeq) return;
-  const { rgba, width, height } = decoded;
+  const { rgba, width, height, blob } = decoded;
   const img = $("preview");
-  img.src = URL.createObjectURL(blob);
+  if (blob) img.src = URL.createObjectURL(blob);
   $("preview-wrap").hidden = false;
   state.pick = { seq, rgba, width, height, canvas: previewCanvas(rgba, width, height), guard: null, guardError: null, allowed: false, inputs: new Map() };
 
