@@ -9,7 +9,8 @@ its grey pixels and 224 px model input are compared with the pipeline's (``decod
 ``decode_resize``, which training and ``flows.evaluate`` use).
 
 JPEGs are made here from real X-rays of the shared sample: all eight EXIF orientations (on a
-non-square crop, grey and colour), colour 4:2:0 and 4:4:4, progressive, and a colour PNG. DICOM: the
+non-square crop, grey and colour), colour 4:2:0 and 4:4:4, progressive, a colour PNG and a 16-bit
+grey PNG. DICOM: the
 five shared files (JPEG 2000 lossy and lossless, JPEG Lossless with a Modality LUT, MONOCHROME1 without
 file meta, MONOCHROME2) and variants made from them for the other paths (RLE, SIGMOID and
 LINEAR_EXACT windows, a VOI LUT sequence, signed values without a window, transfer syntaxes and
@@ -107,6 +108,10 @@ def jpegs(tmp_path_factory) -> dict[str, Path]:
     out["phone-photo-exif-6-progressive"] = _jpeg(phone, d / "phone.jpg", 6, quality=80, progressive=True)
     out["colour-png"] = d / "colour.png"
     rgb.save(out["colour-png"])
+    # A 16-bit grey PNG (as some X-ray exports are): every low byte used, so truncation and rounding differ.
+    deep = (np.asarray(grey).astype(np.int64) * 257 + np.arange(299)[None, :] % 257).clip(0, 65535)
+    out["grey-16bit-png"] = d / "grey16.png"
+    Image.fromarray(deep.astype(np.uint16)).save(out["grey-16bit-png"])
     return out
 
 

@@ -217,6 +217,70 @@ def test_copies_of_training_images_are_reported_and_left_out(trained, tmp_path):
     assert _record(both)["duplicates"]["included"] is True
 
 
+def _dicom_of(png: Path, out: Path) -> None:
+    """A MONOCHROME1 DICOM of an 8-bit X-ray: stored values inverted, a window that maps them back 1:1,
+    so after the VOI window and the inversion its grey pixels are the PNG's."""
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    with Image.open(png) as im:
+        px = np.asarray(im.convert("L"))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientName = "CR", "Test^Patient"
+    ds.Rows, ds.Columns = px.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME1"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.WindowCenter, ds.WindowWidth = "128", "256"  # LINEAR: y = x exactly
+    ds.PixelData = (255 - px).astype(np.uint8).tobytes()
+    ds.save_as(out, enforce_file_format=True)
+
+
+def test_dicom_and_camera_jpegs_are_scored_as_their_pixels(trained, tmp_path):
+    """An external set of DICOM files and rotated camera JPEGs: each is scored exactly as the PNG of
+    the pixels the app shows (DICOM: window and MONOCHROME1 applied; JPEG: turned upright by its EXIF
+    orientation, here checked against numpy's rotation of the stored pixels)."""
+    import numpy as np
+    from PIL import Image
+
+    files = unseen_files(trained, 2, seed=7)
+    theirs, reference = tmp_path / "theirs", tmp_path / "reference"
+    for c, paths in files.items():
+        for d in (theirs, reference):
+            (d / RENAMED[c]).mkdir(parents=True)
+        for p in paths[:1]:
+            _dicom_of(p, theirs / RENAMED[c] / f"{p.stem}.dcm")
+            shutil.copyfile(p, reference / RENAMED[c] / f"{p.stem}-dcm.png")
+        for p in paths[1:]:
+            with Image.open(p) as im:
+                stored = im.convert("L").crop((0, 0, 299, 260)).transpose(Image.Transpose.ROTATE_90)
+            exif = Image.Exif()
+            exif[0x0112] = 6  # the camera held sideways: display rotated 90 degrees clockwise
+            jpeg = theirs / RENAMED[c] / f"{p.stem}.jpg"
+            stored.save(jpeg, "JPEG", quality=90, exif=exif.tobytes())
+            with Image.open(jpeg) as im:
+                plain = np.asarray(im)  # the stored pixels, orientation ignored
+            Image.fromarray(np.rot90(plain, k=-1)).save(reference / RENAMED[c] / f"{p.stem}-jpg.png")
+    model = resolve_model("champion", trained["store"])
+    out = ee.evaluate_external(model, str(theirs), trained["store"], cache_dir=trained["cache"])
+    rec = _record(out)
+    assert rec["counts"]["scored"] == 8 and rec["counts"]["images"] == 8
+    got = pd.read_csv(Path(out["uri"]) / "predictions.csv")
+    ref = ee.predict(model, sorted(str(f) for f in reference.rglob("*.png")))
+    names = sorted(str(f.relative_to(reference)) for f in reference.rglob("*.png"))
+    ours = {Path(p).stem: i for i, p in enumerate(got["path"])}
+    prob_cols = [f"p_{c}" for c in CLASSES]
+    for i, name in enumerate(names):
+        key = Path(name).stem.rsplit("-", 1)[0]
+        assert np.allclose(got.loc[ours[key], prob_cols].to_numpy(float), ref[i], atol=1e-6), name
+
+
 def test_bad_input_fails_with_a_clear_message(trained, tmp_path):
     (tmp_path / "holiday-photos" / "beach").mkdir(parents=True)
     (tmp_path / "holiday-photos" / "beach" / "x.png").write_bytes(b"not an image")
