@@ -83,13 +83,14 @@ export async function decodeDicom(info) {
 export async function readPicked(bytes, checked) {
   if (checked.type === "dicom") {
     const d = await decodeDicom(checked.dicom);
-    return { ...d, blob: await pngOf(d.rgba, d.width, d.height) };
+    return { ...d, blob: await pngBlob(d.rgba, d.width, d.height) };
   }
   const blob = new Blob([bytes], { type: checked.type === "png" ? "image/png" : "image/jpeg" });
   return { ...(await decodeToRgba(blob)), blob };
 }
 
-async function pngOf(rgba, width, height) {
+/** A PNG of RGBA pixels (the preview of a DICOM or of an edited picture), or null. */
+export async function pngBlob(rgba, width, height) {
   try {
     if (typeof OffscreenCanvas !== "undefined") {
       const c = new OffscreenCanvas(width, height);

@@ -1,7 +1,8 @@
 // The pick card: reading a chosen or photographed image, the out-of-distribution
 // guard and its warning, then handing over to the prediction.
 import { checkGuard } from "../guard.js";
-import { AppError, inspectBytes, readPicked } from "../image.js";
+import { cropRect, rotateQuarter, straighten } from "../crop.js";
+import { AppError, inspectBytes, pngBlob, readPicked } from "../image.js";
 import { runModel } from "../runtime.js";
 import { $, fmtScore, str } from "../ui/format.js";
 import { safe, clearError, setStatus } from "../ui/status.js";
@@ -26,6 +27,7 @@ function clearPreview() {
 }
 
 function clearAll() {
+  clearEdits();
   clearError();
   clearResults();
   clearCompare();
@@ -77,9 +79,17 @@ async function handleFile(file) {
   }
   if (seq !== state.pickSeq) return;
   const { rgba, width, height, blob } = decoded;
+  resetEdits({ rgba, width, height });
+  await analyse(seq, { rgba, width, height }, blob);
+}
+
+// The guard and the prediction on a picked (or edited) image: its pixels are the ones classified.
+async function analyse(seq, { rgba, width, height }, blob) {
   const img = $("preview");
+  if (img.src && img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
   if (blob) img.src = URL.createObjectURL(blob);
   $("preview-wrap").hidden = false;
+  $("edit-bar").hidden = false;
   state.pick = { seq, rgba, width, height, canvas: previewCanvas(rgba, width, height), guard: null, guardError: null, allowed: false, inputs: new Map() };
 
   // Out-of-distribution guard. It fails closed: a picture the guard could not
@@ -152,7 +162,177 @@ async function classifyAnyway() {
   await predict();
 }
 
+// ------------------------------------------------------------ crop and rotate
+// A photo of a film or a screen has borders and a tilt: quarter turns, a
+// straightening angle and a crop, each undoable, before the picture is checked
+// and classified again. Edits work on the decoded pixels (src/crop.js).
+
+const edits = { original: null, current: null, undo: [] };
+let cropDrag = null;
+
+function resetEdits(image) {
+  edits.original = image;
+  edits.current = image;
+  edits.undo = [];
+  $("straighten").value = "0";
+  updateEditButtons();
+}
+
+function clearEdits() {
+  edits.original = edits.current = null;
+  edits.undo = [];
+  endCrop();
+  $("edit-bar").hidden = true;
+}
+
+function updateEditButtons() {
+  const editing = edits.current !== null;
+  $("edit-undo").disabled = !editing || edits.undo.length === 0;
+  $("edit-reset").disabled = !editing || edits.undo.length === 0;
+  $("edit-bar").dataset.edits = String(edits.undo.length);
+  if (edits.current) $("edit-bar").dataset.size = `${edits.current.width}x${edits.current.height}`;
+}
+
+async function show(image, what) {
+  const seq = ++state.pickSeq;
+  clearError();
+  clearResults();
+  clearCompare();
+  clearOod();
+  $("compare-all").disabled = true;
+  $("guard-notice").hidden = true;
+  edits.current = image;
+  updateEditButtons();
+  if (image.crop) $("edit-bar").dataset.crop = JSON.stringify(image.crop);
+  setStatus(`${what}: checking the picture again…`);
+  const blob = await pngBlob(image.rgba, image.width, image.height);
+  if (seq !== state.pickSeq) return;
+  await analyse(seq, image, blob);
+}
+
+async function applyEdit(what, fn) {
+  if (!edits.current) return;
+  endCrop();
+  edits.undo.push(edits.current);
+  await show(fn(edits.current), what);
+}
+
+async function undoEdit() {
+  if (!edits.undo.length) return;
+  endCrop();
+  await show(edits.undo.pop(), "Undone");
+}
+
+async function resetEdit() {
+  if (!edits.original || !edits.undo.length) return;
+  endCrop();
+  edits.undo = [];
+  $("straighten").value = "0";
+  await show(edits.original, "Back to the picked image");
+}
+
+// Crop: drag a rectangle on the preview, then "Apply crop".
+function imagePoint(ev) {
+  const img = $("preview");
+  const r = img.getBoundingClientRect();
+  const sx = edits.current.width / r.width;
+  const sy = edits.current.height / r.height;
+  return {
+    x: Math.min(Math.max((ev.clientX - r.left) * sx, 0), edits.current.width),
+    y: Math.min(Math.max((ev.clientY - r.top) * sy, 0), edits.current.height),
+  };
+}
+
+function drawCropBox() {
+  const box = $("crop-box");
+  const img = $("preview");
+  if (!cropDrag || !cropDrag.rect) {
+    box.hidden = true;
+    return;
+  }
+  const r = img.getBoundingClientRect();
+  const wrap = $("preview-wrap").getBoundingClientRect();
+  const k = r.width / edits.current.width;
+  const { x, y, w, h } = cropDrag.rect;
+  Object.assign(box.style, {
+    left: `${r.left - wrap.left + x * k}px`,
+    top: `${r.top - wrap.top + y * k}px`,
+    width: `${w * k}px`,
+    height: `${h * k}px`,
+  });
+  box.hidden = false;
+}
+
+function startCrop() {
+  if (!edits.current) return;
+  cropDrag = { rect: null, from: null };
+  $("preview-wrap").classList.add("cropping");
+  $("crop-start").setAttribute("aria-pressed", "true");
+  $("crop-apply").hidden = false;
+  $("crop-apply").disabled = true;
+  setStatus("Drag across the picture to choose what to keep, then apply the crop.");
+}
+
+function endCrop() {
+  cropDrag = null;
+  $("crop-box").hidden = true;
+  $("preview-wrap").classList.remove("cropping");
+  $("crop-start").setAttribute("aria-pressed", "false");
+  $("crop-apply").hidden = true;
+}
+
+/** For tests and keyboard-free use: set the crop rectangle in image pixels. */
+export function setCropRect(rect) {
+  if (!cropDrag) startCrop();
+  cropDrag.rect = rect;
+  $("crop-apply").disabled = !(rect.w >= 8 && rect.h >= 8);
+  drawCropBox();
+}
+
+function wireEdits() {
+  $("rotate-left").addEventListener("click", safe(() => applyEdit("Rotated", (im) => rotateQuarter(im, -1))));
+  $("rotate-right").addEventListener("click", safe(() => applyEdit("Rotated", (im) => rotateQuarter(im, 1))));
+  $("straighten").addEventListener(
+    "change",
+    safe(() => {
+      const deg = Number($("straighten").value);
+      if (!deg) return undefined;
+      $("straighten").value = "0";
+      return applyEdit(`Straightened by ${deg} degrees`, (im) => straighten(im, deg));
+    }),
+  );
+  $("crop-start").addEventListener("click", () => (cropDrag ? endCrop() : startCrop()));
+  $("crop-apply").addEventListener(
+    "click",
+    safe(() => {
+      const rect = cropDrag && cropDrag.rect;
+      if (!rect) return undefined;
+      return applyEdit("Cropped", (im) => cropRect(im, rect));
+    }),
+  );
+  $("edit-undo").addEventListener("click", safe(undoEdit));
+  $("edit-reset").addEventListener("click", safe(resetEdit));
+  const img = $("preview");
+  img.addEventListener("pointerdown", (ev) => {
+    if (!cropDrag) return;
+    ev.preventDefault();
+    img.setPointerCapture(ev.pointerId);
+    cropDrag.from = imagePoint(ev);
+    cropDrag.rect = null;
+  });
+  img.addEventListener("pointermove", (ev) => {
+    if (!cropDrag || !cropDrag.from) return;
+    const p = imagePoint(ev);
+    const f = cropDrag.from;
+    setCropRect({ x: Math.min(f.x, p.x), y: Math.min(f.y, p.y), w: Math.abs(p.x - f.x), h: Math.abs(p.y - f.y) });
+  });
+  img.addEventListener("pointerup", () => {
+    if (cropDrag) cropDrag.from = null;
+  });
+}
+
 export function wirePick() {
+  wireEdits();
   for (const id of ["file-input", "camera-input"]) {
     const input = $(id);
     input.addEventListener(
