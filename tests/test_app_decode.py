@@ -14,8 +14,7 @@ grey PNG. DICOM: the
 five shared files (JPEG 2000 lossy and lossless, JPEG Lossless with a Modality LUT, MONOCHROME1 without
 file meta, MONOCHROME2) and variants made from them for the other paths (RLE, SIGMOID and
 LINEAR_EXACT windows, a VOI LUT sequence, signed values without a window, transfer syntaxes and
-photometric interpretations the page refuses). The crop-and-rotate step runs in the built app itself
-with a tiny real TFLite model: the probabilities shown after each edit are Python's on the same edit.
+photometric interpretations the page refuses). The crop-and-rotate step: ``tests/test_app_crop.py``.
 """
 
 from __future__ import annotations
@@ -58,16 +57,21 @@ def _tinted(grey: np.ndarray) -> np.ndarray:
 
 
 # PIL's transpose that, applied to the upright image, gives what a camera stores with each Orientation.
-_STORED = {
-    1: None,
-    2: "FLIP_LEFT_RIGHT",
-    3: "ROTATE_180",
-    4: "FLIP_TOP_BOTTOM",
-    5: "TRANSPOSE",
-    6: "ROTATE_90",
-    7: "TRANSVERSE",
-    8: "ROTATE_270",
-}
+_STORED = dict(
+    enumerate(
+        (
+            None,
+            "FLIP_LEFT_RIGHT",
+            "ROTATE_180",
+            "FLIP_TOP_BOTTOM",
+            "TRANSPOSE",
+            "ROTATE_90",
+            "TRANSVERSE",
+            "ROTATE_270",
+        ),
+        1,
+    )
+)
 
 
 def _jpeg(im, path: Path, orientation: int | None = None, **opts) -> Path:
@@ -181,7 +185,9 @@ def dicoms(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files on the loopback, ``.wasm`` as ``application/wasm``, no request log."""
+
     extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, ".wasm": "application/wasm"}
 
     def log_message(self, *args) -> None:
@@ -212,7 +218,7 @@ def page(tmp_path_factory):
     shutil.copytree(dist / "codecs", site / "codecs")
     page = '<!doctype html><meta charset="utf-8"><script type="module" src="harness.js"></script>'
     (site / "index.html").write_text(page)
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(site)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(site)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     from playwright.sync_api import sync_playwright
 
@@ -361,96 +367,3 @@ def test_no_patient_data_in_what_the_page_keeps(page, dicoms):
     assert not any(p in preview for p in private)
     with Image.open(io.BytesIO(preview)) as im:
         assert np.array_equal(np.asarray(im.convert("L")), _in_python(path)[0])
-
-
-# ------------------------------------------------------------------------------- crop and rotate
-def _tiny_tflite(path: Path, size: int) -> Path:
-    """A small real classifier whose output depends on where things are (flatten -> dense)."""
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(3)
-    inp = keras.Input((size, size, 1), batch_size=1)
-    x = keras.layers.Rescaling(1 / 255.0)(inp)
-    x = keras.layers.Flatten()(x)
-    out = keras.layers.Dense(4, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(0, 0.3))(x)
-    model = keras.Model(inp, out)
-    path.write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-    return path
-
-
-def _tflite_probs(path: Path, grey: np.ndarray, size: int) -> np.ndarray:
-    import tensorflow as tf
-
-    from covid_models.data import resize_pixels
-
-    x = resize_pixels(grey[..., None], size).numpy().astype("float32")[None]
-    it = tf.lite.Interpreter(model_path=str(path))
-    it.allocate_tensors()
-    it.set_tensor(it.get_input_details()[0]["index"], x)
-    it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"])[0]
-
-
-def test_crop_and_rotate_classify_the_edited_pixels(page, jpegs, tmp_path):
-    """The app with a real (tiny) TFLite model: a sideways camera JPEG is classified upright, then
-    rotated, cropped by dragging on the preview, and the edit undone; each time the probabilities are
-    the pipeline's on the same edit of the pixels (rotation by numpy, crop by slicing)."""
-    import json
-
-    from covid_app import bundle
-    from covid_data.labels import CLASSES
-    from covid_models.data import decode_file
-
-    size = 32
-    site = tmp_path / "site"
-    shutil.copytree(bundle.dist_dir(), site)
-    model = _tiny_tflite(site / "tiny.tflite", size)
-    entry = {"name": "tiny", "rank": 1, "champion": True, "file": "tiny.tflite", "input_size": size, "channels": 1}
-    (site / "data").mkdir()
-    (site / "data" / "app.json").write_text(json.dumps({"classes": list(CLASSES), "models": [entry], "guard": None}))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(site)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    context = page.context.browser.new_context(viewport={"width": 390, "height": 844}, service_workers="block")
-    app = context.new_page()
-    try:
-        app.goto(f"http://127.0.0.1:{server.server_address[1]}/index.html")
-        app.wait_for_selector("body[data-ready='true']", timeout=60_000)
-
-        def shown() -> np.ndarray:
-            app.wait_for_selector("#ood-warning:not([hidden])", timeout=60_000)  # no guard: fails closed
-            app.click("#classify-anyway")
-            app.wait_for_selector("#results[data-state='done']", timeout=60_000)
-            return np.array([float(app.get_attribute(f"#results [data-class='{c}']", "data-prob")) for c in CLASSES])
-
-        path = jpegs["grey-exif-6"]
-        upright = decode_file(str(path), path.read_bytes(), 1)[..., 0]
-        app.set_input_files("#file-input", str(path))
-        assert np.abs(shown() - _tflite_probs(model, upright, size)).max() < 1e-4
-
-        app.click("#rotate-right")
-        app.wait_for_selector("#edit-bar[data-edits='1']")
-        rotated = np.rot90(upright, k=-1)
-        assert app.get_attribute("#edit-bar", "data-size") == f"{rotated.shape[1]}x{rotated.shape[0]}"
-        p_rotated = shown()
-        assert np.abs(p_rotated - _tflite_probs(model, rotated, size)).max() < 1e-4
-
-        app.click("#crop-start")
-        box = app.locator("#preview").bounding_box()
-        app.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + 0.1 * box["height"])
-        app.mouse.down()
-        app.mouse.move(box["x"] + 0.8 * box["width"], box["y"] + 0.7 * box["height"], steps=5)
-        app.mouse.up()
-        app.click("#crop-apply")
-        app.wait_for_selector("#edit-bar[data-edits='2']")
-        c = json.loads(app.get_attribute("#edit-bar", "data-crop"))
-        assert 0.5 * rotated.shape[1] < c["w"] < 0.7 * rotated.shape[1], c  # about 60% of each side
-        cropped = rotated[c["y"] : c["y"] + c["h"], c["x"] : c["x"] + c["w"]]
-        assert np.abs(shown() - _tflite_probs(model, cropped, size)).max() < 1e-4
-
-        app.click("#edit-undo")
-        app.wait_for_selector("#edit-bar[data-edits='1']")
-        assert np.abs(shown() - p_rotated).max() < 1e-6
-    finally:
-        context.close()
-        server.shutdown()
