@@ -20,11 +20,13 @@ photometric interpretations the page refuses). The crop-and-rotate step: ``tests
 from __future__ import annotations
 
 import base64
+import fcntl
 import functools
 import http.server
 import io
 import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -202,10 +204,14 @@ def page(tmp_path_factory):
     _require_browser()
     from covid_app import bundle
 
-    try:
-        dist = bundle.ensure_dist()  # npm ci + build when needed: node_modules and dist/codecs
-    except bundle.AppBuildUnavailable as e:
-        skip_or_fail(str(e))
+    # npm ci + build when needed (node_modules, dist/codecs), one worker at a time: the crop tests in
+    # another pytest-xdist worker start with the same fixture, and two npm runs in app/ would collide.
+    with open(Path(tempfile.gettempdir()) / "covid-app-dist.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            dist = bundle.ensure_dist()
+        except bundle.AppBuildUnavailable as e:
+            skip_or_fail(str(e))
     esbuild = REPO / "app" / "node_modules" / ".bin" / "esbuild"
     if not esbuild.exists() or not (dist / "codecs" / "openjpegwasm_decode.wasm").is_file():
         skip_or_fail(f"needs the app's npm packages ({esbuild}) and dist/codecs (cd app && npm ci && npm run build)")
