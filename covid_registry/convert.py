@@ -36,6 +36,12 @@ log = logging.getLogger(__name__)
 
 DISCLAIMER = "Research use only: not a medical device and not for diagnosis."
 TFLITE_MAX_PROB_DIFF = 1e-3  # float32 TFLite against Keras on the same images
+# The phone app's smaller TFLite files, against the float32 Keras model on the same real test images:
+# float16 weights (half the bytes) and dynamic-range int8 weights (a quarter). Each bounds the largest
+# probability difference and the share of images whose top class changes (1 - top-1 agreement).
+TFLITE_PRECISIONS = ("float32", "float16", "int8")
+TFLITE_COMPACT_MAX_PROB_DIFF = {"float16": 1e-2, "int8": 0.1}
+TFLITE_COMPACT_MIN_TOP1_AGREEMENT = {"float16": 1.0, "int8": 0.9}
 COREML_MAX_PROB_DIFF = 2e-2  # fp16 Core ML against float32 Keras
 # 8-bit weights move probabilities by a few points (checked where the Core ML runtime exists: macOS).
 COREML_INT8_MAX_PROB_DIFF = 0.05
@@ -267,37 +273,58 @@ def coreml_parity(package: Path, keras_model, images: np.ndarray) -> float:
     return worst
 
 
-def export_tflite(keras_model, out: Path) -> ExportRecord:
-    """A float32 TFLite flatbuffer of the whole model (preprocessing included), input ``[1, H, W, C]``.
+def export_tflite(keras_model, out: Path, precision: str = "float32") -> ExportRecord:
+    """A TFLite flatbuffer of the whole model (preprocessing included), input ``[1, H, W, C]``.
 
-    The batch dimension is fixed at 1: LiteRT.js (the phone app's runtime) refuses a
+    ``precision``: ``float32``; ``float16`` (weights stored as float16, computed in float32); or
+    ``int8`` (dynamic-range quantisation: weights stored as int8 with a scale per channel, activations
+    float32). The batch dimension is fixed at 1: LiteRT.js (the phone app's runtime) refuses a
     ``[1, H, W, C]`` tensor for a model whose input is ``[-1, H, W, C]``. The converter's output
     (hundreds of ``TensorSpec`` lines, absl logs) goes to ``<out>.log``.
     """
     import keras
     import tensorflow as tf
 
+    if precision not in TFLITE_PRECISIONS:
+        raise ValueError(f"unknown TFLite precision {precision!r}; choose from {TFLITE_PRECISIONS}")
     inp = keras.Input(shape=tuple(keras_model.input_shape[1:]), batch_size=1, name="image")
     fixed = keras.Model(inp, keras_model(inp), name=keras_model.name)
     with converter_output(log_beside(out), "TFLite converter"):
         converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
+        if precision != "float32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]  # without a dataset: dynamic range
+        if precision == "float16":
+            converter.target_spec.supported_types = [tf.float16]
         flatbuffer = converter.convert()
     out.write_bytes(flatbuffer)
-    return ExportRecord("tflite", str(out), out.stat().st_size, "float32")
+    return ExportRecord("tflite", str(out), out.stat().st_size, precision)
 
 
-def tflite_parity(tflite_path: Path, keras_model, images: np.ndarray) -> float:
-    """Largest absolute probability difference between TFLite and Keras over ``images``."""
+def tflite_probabilities(tflite_path: Path, images: np.ndarray) -> np.ndarray:
+    """The TFLite model's output for each image (one at a time: the batch is fixed at 1)."""
     import tensorflow as tf
 
     interpreter = tf.lite.Interpreter(model_path=str(tflite_path))
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
     interpreter.allocate_tensors()
-    ref = keras_model.predict(images, verbose=0)
-    worst = 0.0
-    for img, r in zip(images, ref, strict=True):
+    probs = []
+    for img in images:
         interpreter.set_tensor(inp["index"], img[None].astype("float32"))
         interpreter.invoke()
-        worst = max(worst, float(np.abs(interpreter.get_tensor(out["index"])[0] - r).max()))
-    return worst
+        probs.append(interpreter.get_tensor(out["index"])[0].copy())
+    return np.stack(probs)
+
+
+def agreement(probs: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """``max_prob_diff`` (largest |Δp| over images and classes) and ``top1_agreement`` (share of
+    images with the same top class) of ``probs`` against ``reference``."""
+    return {
+        "max_prob_diff": float(np.abs(probs - reference).max()),
+        "top1_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
+    }
+
+
+def tflite_parity(tflite_path: Path, keras_model, images: np.ndarray) -> float:
+    """Largest absolute probability difference between TFLite and Keras over ``images``."""
+    return agreement(tflite_probabilities(tflite_path, images), keras_model.predict(images, verbose=0))["max_prob_diff"]
