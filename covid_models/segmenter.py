@@ -172,7 +172,8 @@ def train_unet(
     ds = ds.prefetch(tf.data.AUTOTUNE)
     backup = Checkpoints(out, "segmenter", cache_dir)
     start = time.perf_counter()
-    model.fit(ds, epochs=epochs, steps_per_epoch=per_epoch, callbacks=backup.callbacks(), verbose=0)
+    # shuffle=False: the dataset shuffles itself (Keras would only warn that it cannot)
+    model.fit(ds, epochs=epochs, steps_per_epoch=per_epoch, callbacks=backup.callbacks(), shuffle=False, verbose=0)
     seconds = time.perf_counter() - start
     history = backup.history
     backup.clear()  # before the unit's marker: a complete unit holds only its artefacts

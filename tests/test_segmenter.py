@@ -30,7 +30,7 @@ from covid_eval.segmenter_unit import (
 from tests.conftest import SHARED, lung_mask_png, make_kaggle_folder, require_shared
 
 SHENZHEN = SHARED / "data" / "shenzhen-cxr"
-TINY = SegmenterConfig(size=32, steps=4, batch_size=4, parity_images=4)
+TINY = SegmenterConfig(size=32, filters=(4, 8, 16), steps=4, batch_size=4, parity_images=4)
 
 
 # -- Dice and IoU ---------------------------------------------------------------------------------
