@@ -1,10 +1,15 @@
 """The app bundle: a self-contained static web app under ``runs/<run id>/app/``.
 
 It is the built page (``app/dist``: page, scripts, service worker, LiteRT.js' WASM runtime), the
-run's top three models as fixed-batch TFLite files, the out-of-distribution guard, the model
-pages' data (``data/app.json``: metrics with confidence intervals, the figures on external sets,
-model cards, plots) and a
-service-worker precache list of every file, so the page works offline after one visit.
+run's top three models as fixed-batch TFLite files with int8 weights (``tflite-int8`` exports, each
+checked against its float32 Keras model), the out-of-distribution guard, the model pages' data
+(``data/app.json``: metrics with confidence intervals, the figures on external sets, model cards,
+plots) and the service worker's list of every file with its checksum. An ensemble ships no file of
+its own: the page runs its members' files and averages them as its Keras graph does (the
+members' probabilities, each with its temperature, then the ensemble's temperature), so its bytes
+are not a second copy of its members' weights. The worker precaches only what the first result
+needs (the page, one WASM build, app.json, the guard and the default model's files); every other
+file is marked ``lazy`` and kept once it has been fetched (a model when the user picks it).
 
 The bundle is its own stored unit, completed by ``app/bundle.json``: ``retrain`` writes it before
 the run's ``run.json``; a run published where Node.js was missing gets it later from ``make app``.
@@ -22,14 +27,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from covid_app.app_models import add_tflite, app_guard, local_file
+from covid_app.budget import byte_budget, first_result_files, precache_list
 from covid_app.guard import GuardUnavailableError, ensure_guard
 from covid_data.labels import CLASSES
-from covid_data.store import Store, Unit, as_store, split_object_uri
-from covid_eval.calibration import calibrated_model
+from covid_data.store import Store, Unit, as_store
 from covid_models.metrics import wilson_interval
 from covid_models.stored import StoredModel
 from covid_registry import champion as registry
-from covid_registry.convert import DISCLAIMER, export_tflite
+from covid_registry.convert import DISCLAIMER
 from covid_registry.model_card import DATA_LIMITS, describe_weights
 
 log = logging.getLogger(__name__)
@@ -100,20 +106,6 @@ def _ci(p: float, n: int) -> list[float]:
     return list(wilson_interval(round(p * n), n))
 
 
-def _fixed_batch_tflite(local: Path, model_uri: str, out: Path) -> Path:
-    """``local`` when its batch dimension is 1; else a fixed-batch conversion of the stored model
-    (exports made before fixed-batch TFLite had ``[-1, H, W, C]``, which LiteRT.js refuses)."""
-    import tensorflow as tf
-
-    sig = tf.lite.Interpreter(model_path=str(local)).get_input_details()[0]["shape_signature"]
-    if int(sig[0]) == 1:
-        return local
-    log.info("%s has a dynamic batch: converting a fixed-batch copy for the app", local.name)
-    model = StoredModel(model_uri)  # calibrated like the stored export it replaces
-    export_tflite(calibrated_model(model.keras(), model.temperature), out)
-    return out
-
-
 def _model_entry(e: dict[str, Any], rank: int, champion_uri: str | None) -> dict[str, Any]:
     stored = StoredModel(e["model_uri"]).record
     m, cfg = stored["metrics"], stored["config"]
@@ -178,6 +170,7 @@ def build_app_bundle(
     run = f"runs/{run_id}"
     explained = {x["model"]: x for x in explain or []}
     models = []
+    shipped: dict[str, tuple[str, Path, int]] = {}  # export uri -> (bundle path, local file, input size)
     with tempfile.TemporaryDirectory(prefix="app-bundle-") as tmp:
         tmp = Path(tmp)
         for rank, e in enumerate(exports, start=1):
@@ -189,20 +182,16 @@ def build_app_bundle(
                 entry["images"]["gradcam"] = []
                 for g, rel in zip(x["gallery"], x["images"], strict=True):
                     dest = f"models/{e['model']}/gradcam/{g['file']}"
-                    unit.put_file(dest, _local(store.uri_for(f"{run}/{rel}"), tmp / f"{e['model']}-{g['file']}"))
+                    unit.put_file(dest, local_file(store.uri_for(f"{run}/{rel}"), tmp / f"{e['model']}-{g['file']}"))
                     caption = f"true {g['true']} / predicted {g['predicted']} ({g['probability']:.2f})"
                     entry["images"]["gradcam"].append({"src": dest, "caption": caption})
                 entry["shortcut"] = {"score": x["shortcut_score"], "baseline": x["baseline"], "method": x["method"]}
-            tfl = e["variants"]["tflite"]
-            local = _local(tfl["uri"], tmp / f"{e['model']}-stored.tflite")
-            fixed = _fixed_batch_tflite(local, e["model_uri"], tmp / f"{e['model']}.tflite")
-            unit.put_file(entry["file"], fixed)
-            entry["bytes"] = fixed.stat().st_size
+            add_tflite(unit, entry, e, dataset, shipped, tmp)
             for name, file in PLOTS.items():
                 key = f"{run}/models/{e['model']}/{file}"
                 if store.exists(key):
                     unit.put_file(
-                        f"models/{e['model']}/{file}", _local(store.uri_for(key), tmp / f"{e['model']}-{file}")
+                        f"models/{e['model']}/{file}", local_file(store.uri_for(key), tmp / f"{e['model']}-{file}")
                     )
                     entry["images"][name] = f"models/{e['model']}/{file}"
             card = f"{run}/model_cards/{e['model']}.md"
@@ -210,9 +199,11 @@ def build_app_bundle(
             models.append(entry)
         guard_entry = None
         if guard is not None:
-            unit.put_file("guard/guard.tflite", _local(guard["uri"], tmp / "guard.tflite"))
+            small = app_guard(guard, dataset["split"])  # float16 weights: half the float32 guard's bytes
+            unit.put_file("guard/guard.tflite", local_file(small["uri"], tmp / "guard.tflite"))
             keep = ("input_size", "channels", "threshold", "colour_threshold", "method", "val_false_alarm")
             guard_entry = {"file": "guard/guard.tflite", **{k: guard[k] for k in keep}}
+            guard_entry |= {"precision": small["precision"], "checks": small["checks"]}
         data = {
             "run_id": run_id,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -232,20 +223,30 @@ def build_app_bundle(
         unit.put_text("data/app.json", json.dumps(data, indent=1, default=float))
         for path in sorted(p for p in dist.rglob("*") if p.is_file() and p.name != "sw.js" and p.suffix != ".map"):
             unit.put_file(path.relative_to(dist).as_posix(), path)
-        files = _precache_list(unit)
+        first = first_result_files(unit, models, guard_entry)
+        files = precache_list(unit, first)
         sw = (dist / "sw.js").read_text()
         if sw.count(MANIFEST_PLACEHOLDER) != 1:
             raise AppBuildUnavailable(f"{dist / 'sw.js'} must hold {MANIFEST_PLACEHOLDER} exactly once")
         unit.put_text("sw.js", sw.replace(MANIFEST_PLACEHOLDER, json.dumps(files)))
     record = {
         "run_id": run_id,
-        "models": [{k: m[k] for k in ("name", "rank", "champion", "file", "bytes", "input_size")} for m in models],
+        "models": [{k: m.get(k) for k in ("name", "rank", "champion", "file", "bytes", "input_size")} for m in models],
         "guard": guard_entry is not None,
         "files": len(files) + 1,
         "bytes": _bytes(unit),
+        "budget": byte_budget(unit, files),
     }
     unit.complete(record)
-    log.info("app bundle of run %s: %d files, %.1f MB", run_id, record["files"], record["bytes"] / 1e6)
+    b = record["budget"]
+    log.info(
+        "app bundle of run %s: %d files, %.1f MB; %.1f MB to the first result, %.1f MB kept with every model",
+        run_id,
+        record["files"],
+        record["bytes"] / 1e6,
+        b["first_result_bytes"] / 1e6,
+        b["cached_bytes"] / 1e6,
+    )
     return unit.record()
 
 
@@ -267,21 +268,6 @@ def app_external(e: dict[str, Any]) -> dict[str, Any]:
 
 def _classes() -> list[str]:
     return list(CLASSES)
-
-
-def _local(uri: str, fallback: Path) -> Path:
-    store, key = split_object_uri(uri)
-    return store.local_path(key) or store.get_file(key, fallback)
-
-
-def _precache_list(unit: Unit) -> list[dict[str, str]]:
-    """Workbox's precache entries: every bundle file (but the worker and the marker), with its md5."""
-    skip = {unit.key("sw.js"), unit.key(MARKER)}
-    return [
-        {"url": k[len(unit.prefix) + 1 :], "revision": md5}
-        for k, md5 in sorted(unit.store.checksums(unit.prefix + "/").items())
-        if k not in skip
-    ]
 
 
 def _bytes(unit: Unit) -> int:

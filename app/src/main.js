@@ -2,7 +2,8 @@
 // screens (screens/*), the router and the shared state, then loads app.json.
 import { preprocess, colourfulness } from "./preprocess.js";
 import { occlusionMap } from "./occlusion.js";
-import { ensureLiteRt, getModel } from "./runtime.js";
+import { ensureLiteRt, getModel, prepareEntry } from "./runtime.js";
+import { wireDownloads } from "./ui/download.js";
 import { $, el, str } from "./ui/format.js";
 import { showError } from "./ui/status.js";
 import { state, timings, disclaimer, loadApp, normaliseModels } from "./state.js";
@@ -19,6 +20,9 @@ window.covidApp = {
   state,
 };
 
+// Registered once the first visit's warm-up has downloaded the runtime, the guard
+// and the default model: the worker's install then revalidates those files
+// (HTTP cache, ETag) instead of downloading them a second time.
 function registerServiceWorker() {
   if (!("serviceWorker" in navigator)) return;
   navigator.serviceWorker
@@ -35,7 +39,7 @@ async function start() {
   wirePick();
   wireResults();
   wireModels();
-  registerServiceWorker();
+  wireDownloads();
 
   try {
     state.app = await loadApp();
@@ -56,13 +60,21 @@ async function start() {
   renderModelList();
   route();
   document.body.dataset.ready = "true";
+  if (navigator.serviceWorker && navigator.serviceWorker.controller) registerServiceWorker(); // a later visit
 
-  // Warm up the runtime and the default model in the background (it is cached
-  // by the service worker too); failures surface when the user picks an image.
+  // Warm up the runtime, the guard and the default model in the background
+  // (then kept by the service worker); failures surface when the user picks an image.
+  const guard = app.guard && typeof app.guard === "object" && str(app.guard.file) ? app.guard : null;
   const warm = () => {
-    ensureLiteRt()
-      .then(() => champ && getModel(champ.file, state.accelerator))
-      .catch((e) => console.warn("warm-up failed", e));
+    Promise.all([
+      ensureLiteRt(),
+      guard ? getModel(guard.file, "wasm", { label: "the X-ray check" }) : null,
+      champ ? prepareEntry(champ, state.accelerator) : null,
+    ])
+      .catch((e) => console.warn("warm-up failed", e))
+      .finally(() => {
+        if (!(navigator.serviceWorker && navigator.serviceWorker.controller)) registerServiceWorker();
+      });
   };
   if ("requestIdleCallback" in window) requestIdleCallback(warm, { timeout: 2000 });
   else setTimeout(warm, 500);

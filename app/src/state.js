@@ -47,10 +47,19 @@ export async function loadApp() {
   return app;
 }
 
+/** An ensemble's entry: no file of its own, members that each name a file and an input size. */
+function validMembers(m) {
+  return (
+    Array.isArray(m.members) &&
+    m.members.length > 0 &&
+    m.members.every((x) => x && typeof x === "object" && str(x.file) && Number.isFinite(+x.input_size))
+  );
+}
+
 export function normaliseModels(app) {
   const list = Array.isArray(app.models) ? app.models : [];
   const models = list
-    .filter((m) => m && typeof m === "object" && str(m.name) && str(m.file))
+    .filter((m) => m && typeof m === "object" && str(m.name) && (str(m.file) || validMembers(m)))
     .map((m) => ({ ...m }));
   models.sort((a, b) => (isNum(a.rank) ? a.rank : 1e9) - (isNum(b.rank) ? b.rank : 1e9));
   return models;

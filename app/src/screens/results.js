@@ -3,7 +3,7 @@
 import { occlusionMap } from "../occlusion.js";
 import { preprocess } from "../preprocess.js";
 import { AppError } from "../image.js";
-import { runModel } from "../runtime.js";
+import { runEntry } from "../runtime.js";
 import { $, el, pct, label } from "../ui/format.js";
 import { drawHeatmap } from "../ui/heatmap.js";
 import { safe, showError, clearError, setStatus } from "../ui/status.js";
@@ -57,7 +57,7 @@ function inputFor(pick, m) {
 async function infer(m, input, size, channels) {
   let r;
   try {
-    r = await runModel(m.file, state.accelerator, input, [1, size, size, channels]);
+    r = await runEntry(m, state.accelerator, input, [1, size, size, channels]);
   } catch (e) {
     console.error(e);
     throw new AppError("model", `The model “${m.name}” could not be loaded or run on this device (${e && e.message ? e.message : e}).`);
@@ -216,7 +216,7 @@ async function explain() {
   try {
     const heat = await occlusionMap(
       last.input,
-      async (x) => (await runModel(m.file, state.accelerator, x, [1, last.size, last.size, last.channels])).output,
+      async (x) => (await runEntry(m, state.accelerator, x, [1, last.size, last.size, last.channels])).output,
       {
         size: last.size,
         channels: last.channels,
