@@ -94,9 +94,17 @@ def _with_uri(unit: Unit, record: dict[str, Any], status: str) -> dict[str, Any]
     return {**rec, "status": status, "uri": unit.uri, "tflite_uri": unit.store.uri_for(unit.key(TFLITE_FILE))}
 
 
-def _read(pairs: list[MaskPair]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    read = [read_pair(p) for p in pairs]
-    return [r[0] for r in read], [r[1] for r in read]
+def _read(pairs: list[MaskPair], size: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """(images uint8, masks {0, 1}) at the model's size, and the masks at their own size (for scoring).
+    Each pair is resized as it is read, so a large source (the Kaggle release's 21,000 masks) never
+    sits in memory at full size."""
+    images, masks, native = [], [], []
+    for p in pairs:
+        image, mask = read_pair(p)
+        images.append(resize_images([image], size)[0])
+        masks.append(resize_masks([mask], size)[0])
+        native.append(mask)
+    return np.stack(images), np.stack(masks), native
 
 
 def train_segmenter_unit(
@@ -124,10 +132,8 @@ def train_segmenter_unit(
         return _with_uri(unit, done, "cached")
     train, held = heldout_split(pairs, cfg.heldout, cfg.seed)
     # Everything is read and checked before training, so a bad file stops the run in seconds.
-    train_images, train_masks = _read(train)
-    held_images, held_masks = _read(held)
-    x_train, y_train = resize_images(train_images, cfg.size), resize_masks(train_masks, cfg.size)
-    x_held = resize_images(held_images, cfg.size)
+    x_held, _, held_masks = _read(held, cfg.size)
+    x_train, y_train, _ = _read(train, cfg.size)
     log.info("lung segmenter: %d masks to train on, %d held out, %d px", len(train), len(held), cfg.size)
     cache = Path(cache_dir or os.environ.get("COVID_CACHE_DIR", Path.home() / ".cache" / "covid-xray"))
     model, history, seconds = train_unet(

@@ -32,6 +32,7 @@ from covid_data.store import Store
 from covid_models.checkpoints import Checkpoints
 
 DEFAULT_FILTERS = (8, 16, 32, 64, 64)  # per level, top to bottom (the last is the bottleneck)
+CHECKPOINT_EVERY = 50  # batches at most between checkpoints: a kill loses at most this much training
 
 
 def build_unet(size: int = 96, filters: tuple[int, ...] = DEFAULT_FILTERS, seed: int = 0):
@@ -151,15 +152,16 @@ def train_unet(
 ) -> tuple[object, list[dict[str, float]], float]:
     """(model, per-epoch history, training seconds) after about ``steps`` batches.
 
-    An epoch is one pass over the training masks; the learning rate decays along a cosine over
-    all of them. Every epoch is checkpointed in ``out`` (:class:`Checkpoints`), so a killed
-    training resumes at its last epoch; the caller clears the checkpoints before completing its unit.
+    An epoch is one pass over the training masks, or ``CHECKPOINT_EVERY`` batches where that is
+    less (a large source); the learning rate decays along a cosine over all of them. Every epoch is
+    checkpointed in ``out`` (:class:`Checkpoints`), so a killed training resumes at its last epoch; the
+    caller clears the checkpoints before completing its unit.
     """
     import keras
     import tensorflow as tf
 
     size = int(images.shape[1])
-    per_epoch = max(1, math.ceil(len(images) / batch_size))
+    per_epoch = max(1, min(CHECKPOINT_EVERY, math.ceil(len(images) / batch_size)))
     epochs = max(1, math.ceil(steps / per_epoch))
     model = build_unet(size, filters, seed)
     schedule = keras.optimizers.schedules.CosineDecay(learning_rate, epochs * per_epoch, alpha=0.05)
