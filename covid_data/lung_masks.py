@@ -4,10 +4,12 @@ Two layouts are read, the two that exist:
 
 * the Kaggle release: ``<CLASS>/masks/<name>`` beside ``<CLASS>/images/<name>``;
 * the Shenzhen set (``../shared/data/shenzhen-cxr``): one ``masks/<name>`` folder beside the
-  finding folders, the image at ``<finding>/<name>``.
+  finding folders, the image at ``<finding>/<name>``;
+* a dataset version published in a local store (``.store/datasets/<version>``): the masks that
+  passed the manifest's checks at ``masks/<label>/<name>``, the images at ``images/<label>/<name>``.
 
-Every ``masks`` folder under the root is taken, and each mask's image is looked for in its
-parent's ``images/`` first, then in the parent's other folders. A folder that is not a mask
+Every ``masks`` folder under the root is taken, and each mask's image (the same path below the
+folder's parent) is looked for in the parent's ``images/`` first, then in its other folders. A folder that is not a mask
 source, a mask without its image, a file that does not decode, or a mask that is not a binary lung
 mask stops the reading with an error that names the file: a segmenter trained on a silently
 shrunken or mislabelled set would report a Dice that means nothing.
@@ -41,12 +43,12 @@ class MaskPair:
     group: str  # the image's folder (finding or class): the held-out split is drawn within each
 
 
-def _image_for(mask: Path) -> Path | None:
-    parent = mask.parent.parent
-    beside = parent / "images" / mask.name  # Kaggle: <CLASS>/images/<name>
+def _image_for(mask: Path, folder: Path) -> Path | None:
+    rel = mask.relative_to(folder).as_posix()
+    beside = folder.parent / "images" / rel  # Kaggle <CLASS>/images/<name>; a version's images/<label>/<name>
     if beside.is_file():
         return beside
-    found = sorted(p for p in parent.glob(f"*/{mask.name}") if p.parent.name != "masks" and p.is_file())
+    found = sorted(p for p in folder.parent.glob(f"*/{rel}") if p.is_file() and not p.is_relative_to(folder))
     return found[0] if found else None
 
 
@@ -57,19 +59,21 @@ def find_mask_pairs(root: str | Path) -> list[MaskPair]:
     if not root.is_dir():
         raise MaskSourceError(f"{root}: no such folder (a mask source is a folder with a masks/ folder)")
     folders = sorted(p for p in root.rglob("masks") if p.is_dir())
-    masks = [m for f in folders for m in sorted(f.iterdir()) if m.suffix.lower() in IMAGE_SUFFIXES]
+    masks = [
+        (f, m) for f in folders for m in sorted(f.rglob("*")) if m.is_file() and m.suffix.lower() in IMAGE_SUFFIXES
+    ]
     if not masks:
         raise MaskSourceError(
             f"{root}: no lung masks found (expected masks/<name> beside the image folders, as in shenzhen-cxr, "
             "or <CLASS>/masks/<name> beside <CLASS>/images/<name>, as in the Kaggle release)"
         )
     pairs = []
-    for m in masks:
-        image = _image_for(m)
+    for folder, m in masks:
+        image = _image_for(m, folder)
         if image is None:
+            rel = m.relative_to(folder).as_posix()
             raise MaskSourceError(
-                f"{m}: mask without its image (looked for {m.parent.parent / 'images' / m.name} and "
-                f"{m.parent.parent}/*/{m.name})"
+                f"{m}: mask without its image (looked for {folder.parent / 'images' / rel} and {folder.parent}/*/{rel})"
             )
         pairs.append(MaskPair(m.relative_to(root).as_posix(), image, m, image.parent.relative_to(root).as_posix()))
     return pairs

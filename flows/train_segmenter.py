@@ -29,7 +29,8 @@ def train_segmenter_flow(
     masks: str, store: str = DEFAULT_STORE, config: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Train (or reuse) the lung segmenter of the mask source ``masks`` (a folder: the Kaggle
-    release's ``<CLASS>/masks`` beside ``<CLASS>/images``, or ``masks/`` beside the image folders)."""
+    release's ``<CLASS>/masks`` beside ``<CLASS>/images``, ``masks/`` beside the image folders, or a
+    dataset version published in a local store)."""
     return train_segmenter(masks, store, config)
 
 
@@ -40,13 +41,22 @@ def main(argv: list[str] | None = None) -> None:
         description=train_segmenter_flow.description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--masks", required=True, help="mask source folder (e.g. ../shared/data/shenzhen-cxr)")
+    p.add_argument(
+        "--masks",
+        required=True,
+        help="mask source folder: ../shared/data/shenzhen-cxr, an unpacked Kaggle release, or a published version "
+        "in a local store (.store/datasets/<version>)",
+    )
     p.add_argument("--store", default=DEFAULT_STORE, help="store URI: a path, file://... or gs://bucket/prefix")
     p.add_argument("--size", type=int, default=d.size, help="input size in pixels (divisible by 16)")
     p.add_argument("--steps", type=int, default=d.steps, help="training batches (rounded up to whole epochs)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    p.add_argument("--no-augment", action="store_true", help="train without augmentation (it generalises worse)")
+    p.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="train without augmentation (for comparison: augmentation is meant to carry it to other hospitals)",
+    )
     p.add_argument("--heldout", type=float, default=d.heldout, help="share of each folder's masks held out")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the held-out split and the training")
     a = p.parse_args(argv)

@@ -115,13 +115,22 @@ def test_a_corrupt_or_wrong_mask_stops_training_before_it_starts_and_names_the_f
     assert not (tmp_path / "store" / "segmenters").exists()  # nothing was written
 
 
-def test_the_kaggle_layout_pairs_each_mask_with_the_image_beside_it(tmp_path):
-    root = make_kaggle_folder(tmp_path / "src", n_per_class=3, masks="all")
+def test_the_kaggle_layout_and_its_published_version_pair_each_mask_with_its_image(tmp_path):
+    from covid_data.dataset import fetch_dataset
+
+    root = make_kaggle_folder(tmp_path / "src", n_per_class=3, masks="some")
     pairs = find_mask_pairs(root)
-    assert len(pairs) == 12
+    assert len(pairs) == 8  # per class, a lung mask and an X-ray misfiled as a mask
     for p in pairs:
         assert p.image.parent.name == "images" and p.mask.parent.name == "masks" and p.image.name == p.mask.name
     assert len({p.group for p in pairs}) == 4  # one group per class: each class is held out alike
+    # The published version keeps only the masks that passed the manifest's checks: masks/<label>/<name>
+    ref = fetch_dataset(str(root), str(tmp_path / "store"))
+    published = find_mask_pairs(tmp_path / "store" / "datasets" / ref.version)
+    assert len(published) == 4
+    for p in published:
+        assert p.mask.relative_to(tmp_path / "store" / "datasets" / ref.version).parts[0] == "masks"
+        assert p.image.parts[-3:] == ("images", p.mask.parent.name, p.mask.name)
 
 
 def test_the_heldout_split_is_seeded_and_drawn_within_each_folder(tmp_path):
