@@ -6,8 +6,8 @@ store, so a ``gs://`` store works too; any static host can serve the folder inst
 
 Like a static host set up for a web app, it compresses text and WASM with gzip for clients that
 accept it (LiteRT's 9.4 MB runtime travels as 2.8 MB) and answers a revalidation (``If-None-Match``
-with the file's ETag, its md5) with 304 and no body, so the service worker's install does not
-download again what the page has just downloaded.
+with the file's ETag, its md5, or ``If-Modified-Since`` its ``Last-Modified``) with 304 and no body, so
+the service worker's install does not download again what the page has just downloaded.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import logging
 import mimetypes
 import posixpath
 import sys
+from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -99,6 +100,26 @@ def _gzipped(md5: str, data: bytes) -> bytes:
     return gzip.compress(data, 6, mtime=0)
 
 
+def _last_modified(store: Store, key: str) -> float | None:
+    """The object's modification time where the store has a local file (a bundle's files are written once)."""
+    local = store.local_path(key)
+    return int(local.stat().st_mtime) if local is not None and local.is_file() else None
+
+
+def _not_modified(headers: Any, etag: str, modified: float | None) -> bool:
+    """A revalidation the client's copy answers: its ETag matches, or (without one) it is not older.
+    Chromium revalidates a stored response with ``If-Modified-Since`` where it has ``Last-Modified``."""
+    if headers.get("If-None-Match"):
+        return etag in [t.strip() for t in headers["If-None-Match"].split(",")]
+    since = headers.get("If-Modified-Since")
+    if not since or modified is None:
+        return False
+    try:
+        return parsedate_to_datetime(since).timestamp() >= modified
+    except (TypeError, ValueError):
+        return False
+
+
 def handler_for(store: Store, prefix: str) -> type[BaseHTTPRequestHandler]:
     class BundleHandler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
@@ -122,9 +143,12 @@ def handler_for(store: Store, prefix: str) -> type[BaseHTTPRequestHandler]:
             md5 = hashlib.md5(data).hexdigest()
             gz = path.endswith(GZIP_SUFFIXES) and "gzip" in self.headers.get("Accept-Encoding", "")
             etag = f'"{md5}{"-gz" if gz else ""}"'
-            if etag in [t.strip() for t in self.headers.get("If-None-Match", "").split(",")]:
+            modified = _last_modified(store, f"{prefix}/{path}")
+            if _not_modified(self.headers, etag, modified):
                 self.send_response(HTTPStatus.NOT_MODIFIED)
                 self.send_header("ETag", etag)
+                if modified is not None:
+                    self.send_header("Last-Modified", formatdate(modified, usegmt=True))
                 self.send_header("Cache-Control", "no-cache")
                 self.end_headers()
                 return
@@ -137,6 +161,8 @@ def handler_for(store: Store, prefix: str) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Encoding", "gzip")
             self.send_header("Vary", "Accept-Encoding")
             self.send_header("ETag", etag)
+            if modified is not None:
+                self.send_header("Last-Modified", formatdate(modified, usegmt=True))
             # Revalidated on every use (a 304 when unchanged); the service worker keeps the files.
             self.send_header("Cache-Control", "no-cache")
             self.send_header("X-Content-Type-Options", "nosniff")
