@@ -197,3 +197,41 @@ def test_int8_files_are_a_quarter_and_agree_with_float32_keras(bundle):
     assert checks["top1_agreement"] >= TFLITE_COMPACT_MIN_TOP1_AGREEMENT["int8"]
     params = StoredModel(bundle["members"][1]["out"]).keras().count_params()  # 4 bytes each in float32
     assert cnn["bytes"] < 0.3 * 4 * params, (cnn["bytes"], params)
+
+
+def test_the_page_computes_the_ensemble_from_its_members_as_python_does(bundle):
+    """In Chromium: the page's probabilities for the ensemble (its members' files, resized inputs,
+    averaged, its temperature) and for an int8 model equal Python's on the same files and image."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from playwright.sync_api import sync_playwright
+
+    from covid_app.serve import handler_for
+    from covid_models.data import decode_resize
+    from tests.app_browser import CHROMIUM, CHROMIUM_ARGS, PHONE, _classify, _python_probs, _require_browser
+    from tests.conftest import sample_files
+
+    _require_browser()
+    app, data = bundle["app"], bundle["data"]
+    image = next(iter(sample_files(1, seed=5).values()))[0]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(open_store(str(app.parent)), "app"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_context(viewport=PHONE, service_workers="block").new_page()
+            page.goto(f"http://127.0.0.1:{server.server_port}/")
+            page.wait_for_selector("body[data-ready='true']", timeout=60_000)
+            for m in data["models"]:
+                shown = _classify(page, image, m["name"])
+                if m.get("members"):
+                    x = decode_resize(str(image), m["input_size"], 1).numpy().astype("float32")[None]
+                    files = [app / q["file"] for q in m["members"]]
+                    ref = ensemble_probabilities(files, [q["input_size"] for q in m["members"]], m["temperature"], x)[0]
+                else:
+                    ref = _python_probs(app / m["file"], image, m["input_size"], m["channels"])
+                assert np.abs(shown - ref).max() <= 1e-5, (m["name"], shown, ref)
+            browser.close()
+    finally:
+        server.shutdown()
