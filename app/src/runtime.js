@@ -53,7 +53,13 @@ function report(info) {
 export function downloadModel(path, { label = path, total = 0 } = {}) {
   if (!downloads.has(path)) {
     const p = (async () => {
-      const res = await fetch(bundleUrl(path));
+      let res;
+      try {
+        res = await fetch(bundleUrl(path));
+      } catch (e) {
+        // Offline, and the service worker does not keep this file yet (never picked while online).
+        throw new Error(`${label} is not on this device yet and the network is unreachable; connect once to download it (${(total / 1e6).toFixed(1)} MB), it is then kept for offline use`);
+      }
       if (!res.ok) throw new Error(`${path}: HTTP ${res.status}`);
       const size = +res.headers.get("content-length") || +total || 0;
       if (!res.body || !res.body.getReader) return new Uint8Array(await res.arrayBuffer());
