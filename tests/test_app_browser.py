@@ -125,15 +125,23 @@ def test_bundle_lists_the_runs_top_three(published):
         assert m["weights"] and m["input_size"] == run["preset"]["input_size"]
         assert m["test_accuracy_ci95"][0] <= m["test_accuracy"] <= m["test_accuracy_ci95"][1]
     assert data["guard"] is not None and (app / data["guard"]["file"]).is_file()
-    # The service worker precaches every file of the bundle, at its current checksum.
+    # The service worker lists every file of the bundle, at its current checksum: what the first result
+    # needs (app.json, the guard, the model the page opens on) is precached, the other models are lazy.
     import hashlib
 
     sw = (app / "sw.js").read_text()
-    entries = {e["url"]: e["revision"] for e in json.loads(re.search(r"(\[\{\"url\".*?\}\])", sw).group(1))}
+    listed = json.loads(re.search(r"(\[\{\"url\".*?\}\])", sw).group(1))
+    entries = {e["url"]: e["revision"] for e in listed}
     files = {p.relative_to(app).as_posix() for p in app.rglob("*") if p.is_file()} - {"sw.js", "bundle.json"}
     assert set(entries) == files
     for url, rev in entries.items():
         assert hashlib.md5((app / url).read_bytes()).hexdigest() == rev, url
+    lazy = {e["url"] for e in listed if e.get("lazy")}
+    opens_on = next((m for m in data["models"] if m.get("champion") is True), None) or next(
+        (m for m in data["models"] if m.get("rank") == 1), data["models"][0]
+    )
+    assert "data/app.json" not in lazy and data["guard"]["file"] not in lazy and opens_on["file"] not in lazy
+    assert {m["file"] for m in data["models"] if m is not opens_on} <= lazy  # fetched when picked
 
 
 def test_server_headers(server):
