@@ -167,7 +167,9 @@ def app_guard(guard: dict[str, Any], split_uri: str) -> dict[str, Any]:
     """The guard as the page downloads it: the float32 guard's graph (its ImageNet MobileNetV2 and fitted
     subspace, threshold unchanged) with float16 weights, half the bytes. A unit of its own inside the
     guard's (``fp16/``, ``export.json`` last), converted once; its scores on real validation X-rays are
-    checked against the float32 file's: within 2% of the threshold, and the same images flagged."""
+    checked against the float32 file's: within 2% of the threshold, and the same images flagged. Outside
+    those bounds the unit records the float16 file's figures and the float32 guard ships instead, as a
+    model's bundle falls back to its float32 file: a smaller guard is never worth a different flag."""
     folder = open_store(guard["uri"].rsplit("/", 1)[0])
     unit = Unit(folder, "fp16", "export.json")
     rec = unit.record()
@@ -183,13 +185,22 @@ def app_guard(guard: dict[str, Any], split_uri: str) -> dict[str, Any]:
             t = float(guard["threshold"])
             diff = float(np.abs(got - ref).max() / t)
             same = float(np.mean((got > t) == (ref > t)))
-            if diff > GUARD_MAX_SCORE_DIFF or same < 1.0:
-                raise ExportCheckError(
-                    f"the float16 guard differs from the float32 one on {len(images)} real X-rays: max |Δscore| "
-                    f"{diff:.3%} of the threshold (bound {GUARD_MAX_SCORE_DIFF:.0%}), same flag on {same:.1%}"
-                )
-            unit.put_file("guard.tflite", out)
-        checks = {"max_score_diff_of_threshold": diff, "same_flag": same, "images": len(images)}
-        unit.complete({"precision": GUARD_PRECISION, "file": "guard.tflite", "checks": checks})
+            checks = {
+                "max_score_diff_of_threshold": diff,
+                "max_score_diff_bound": GUARD_MAX_SCORE_DIFF,
+                "same_flag": same,
+                "images": len(images),
+            }
+            if diff <= GUARD_MAX_SCORE_DIFF and same == 1.0:
+                unit.put_file("guard.tflite", out)
+                unit.complete({"precision": GUARD_PRECISION, "file": "guard.tflite", "checks": checks})
+            else:
+                log.warning(
+                    "the float16 guard differs from the float32 one on %d real X-rays (max |Δscore| %.3f%% of the "
+                    "threshold, bound %.0f%%; same flag on %.1f%%): the app ships the float32 guard",
+                    len(images), 100 * diff, 100 * GUARD_MAX_SCORE_DIFF, 100 * same,
+                )  # fmt: skip
+                unit.complete({"precision": "float32", "file": None, "checks": checks, "rejected": GUARD_PRECISION})
         rec = unit.record()
-    return {"uri": folder.uri_for(unit.key("guard.tflite")), "precision": rec["precision"], "checks": rec["checks"]}
+    uri = folder.uri_for(unit.key(rec["file"])) if rec["file"] else guard["uri"]
+    return {"uri": uri, "precision": rec["precision"], "checks": rec["checks"], "rejected": rec.get("rejected")}

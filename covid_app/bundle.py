@@ -199,11 +199,11 @@ def build_app_bundle(
             models.append(entry)
         guard_entry = None
         if guard is not None:
-            small = app_guard(guard, dataset["split"])  # float16 weights: half the float32 guard's bytes
+            small = app_guard(guard, dataset["split"])  # float16 weights when within bounds: half the bytes
             unit.put_file("guard/guard.tflite", local_file(small["uri"], tmp / "guard.tflite"))
             keep = ("input_size", "channels", "threshold", "colour_threshold", "method", "val_false_alarm")
             guard_entry = {"file": "guard/guard.tflite", **{k: guard[k] for k in keep}}
-            guard_entry |= {"precision": small["precision"], "checks": small["checks"]}
+            guard_entry |= {"precision": small["precision"], "checks": small["checks"], "rejected": small["rejected"]}
         data = {
             "run_id": run_id,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),

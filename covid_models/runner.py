@@ -14,10 +14,12 @@ orphaned training behind.
 from __future__ import annotations
 
 import atexit
+import codecs
 import json
 import logging
 import os
-import queue
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 _NOISE = ("W0000", "I0000", "E0000", "WARNING: All log messages")
 _KILL_GRACE_S = 5.0  # between SIGTERM and SIGKILL of the child's process group
+_NEWLINE = re.compile(r"\r\n|\r|\n")  # universal newlines, as a text-mode pipe splits them
 _POLL_S = 0.5  # how often the caller's loop checks the deadline while no line arrives
 
 # Started as `python -c _BOOTSTRAP ...` instead of `python -m covid_models.train ...`: the child
@@ -45,8 +48,11 @@ try:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 except (AttributeError, OSError):
     pass  # not Linux: the caller's handlers still kill the child
-if os.getppid() != int(os.environ.get("COVID_TRAIN_PARENT_PID", os.getppid())):
-    sys.exit("the parent died before training started")
+# The kernel's signal follows the thread that started us; one that died before the prctl above
+# sent nothing, so look for it (and for the parent process) now.
+parent, thread = os.environ.get("COVID_TRAIN_PARENT_PID"), os.environ.get("COVID_TRAIN_PARENT_TID")
+if parent and (os.getppid() != int(parent) or (thread and not os.path.exists(f"/proc/{parent}/task/{thread}"))):
+    sys.exit("the caller died before training started")
 runpy.run_module("covid_models.train", run_name="__main__", alter_sys=True)
 """
 
@@ -107,16 +113,39 @@ def kill_all_trainings() -> int:
 atexit.register(kill_all_trainings)
 
 
-def _read_lines(stream, lines: queue.Queue) -> None:
-    """Reader thread: the child's output, line by line; ``None`` marks its end."""
-    try:
-        for line in stream:
-            lines.put(line.rstrip())
-    except (OSError, ValueError):  # the pipe broke under us (the child killed)
-        pass
-    finally:
-        stream.close()  # here, not in the caller: closing a pipe another thread reads may block
-        lines.put(None)
+class _LineReader:
+    """The child's output, read in the calling thread: lines as universal newlines split them.
+
+    No reader thread: Prefect cancels and times out a sync task by raising an exception into its
+    thread, and on CPython 3.11 a thread being started carries its creator's ident for a moment, so
+    that exception can land in the new thread instead and leave the caller waiting on it forever.
+    Polling the pipe with ``select`` also returns to Python code every ``_POLL_S``, where such an
+    exception is raised.
+    """
+
+    def __init__(self, fd: int):
+        self.fd, self.done = fd, False
+        self._decode = codecs.getincrementaldecoder("utf-8")(errors="replace").decode
+        self._buf = ""
+
+    def read(self, timeout: float) -> list[str]:
+        """The complete lines that arrived within ``timeout`` seconds; at the end, the last partial one."""
+        if self.done or not select.select([self.fd], [], [], max(0.0, timeout))[0]:
+            return []
+        try:
+            chunk = os.read(self.fd, 1 << 16)
+        except OSError:  # the pipe broke under us (the child killed)
+            chunk = b""
+        self._buf += self._decode(chunk, final=not chunk)
+        if not chunk:
+            self.done = True
+            cut = len(self._buf)
+        else:  # up to the last line end; a final \r may be half of a \r\n
+            body = self._buf[:-1] if self._buf.endswith("\r") else self._buf
+            cut = max(body.rfind("\n"), body.rfind("\r")) + 1
+        text, self._buf = self._buf[:cut], self._buf[cut:]
+        lines = _NEWLINE.split(text)
+        return lines[:-1] if lines[-1] == "" else lines  # text ends with a line end: no line after it
 
 
 def train_in_subprocess(
@@ -139,6 +168,7 @@ def train_in_subprocess(
         "PYTHONUNBUFFERED": "1",
         "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
         "COVID_TRAIN_PARENT_PID": str(os.getpid()),
+        "COVID_TRAIN_PARENT_TID": str(threading.get_native_id()),
     }
     if threads:
         for var in ("TF_NUM_INTRAOP_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -152,43 +182,37 @@ def train_in_subprocess(
         callback_failed = False
         limit = float(timeout or 0.0)
         deadline = None if timeout is None else time.monotonic() + limit
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            start_new_session=True,  # its own process group: killed as a whole, apart from ours
-        )
-        with _LIVE_LOCK:
-            _LIVE.add(proc)
+        proc: subprocess.Popen | None = None
         try:
+            # Started and registered under the lock: kill_all_trainings waits for a start under way
+            # instead of missing it. An exception raised into this thread mid-start leaves ``proc``
+            # unset; the child then dies with the thread (the bootstrap's PR_SET_PDEATHSIG and check).
+            with _LIVE_LOCK:
+                proc = subprocess.Popen(
+                    cmd,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: killed as a whole, apart from ours
+                )
+                _LIVE.add(proc)
             assert proc.stdout is not None
-            lines: queue.Queue[str | None] = queue.Queue()
-            reader = threading.Thread(
-                target=_read_lines, args=(proc.stdout, lines), name=f"train-{cfg.model}-output", daemon=True
-            )
-            reader.start()
-            while True:
+            reader = _LineReader(proc.stdout.fileno())
+            while not reader.done:
                 wait = _POLL_S if deadline is None else min(_POLL_S, deadline - time.monotonic())
                 if wait <= 0:
                     _kill_group(proc)
                     raise TrainingTimeout(cfg.model, limit, proc.pid)
-                try:
-                    line = lines.get(timeout=wait)
-                except queue.Empty:
-                    continue
-                if line is None:
-                    break
-                tail = (tail + [line])[-40:]
-                if on_line is not None:
-                    try:
-                        on_line(line)
-                    except Exception:
-                        if not callback_failed:  # once: a broken callback would fail on every line
-                            log.exception("output callback of training %s failed; training goes on", cfg.model)
-                        callback_failed = True
+                for line in reader.read(wait):
+                    line = line.rstrip()
+                    tail = (tail + [line])[-40:]
+                    if on_line is not None:
+                        try:
+                            on_line(line)
+                        except Exception:
+                            if not callback_failed:  # once: a broken callback would fail on every line
+                                log.exception("output callback of training %s failed; training goes on", cfg.model)
+                            callback_failed = True
             # stdout closed: the child is exiting; the deadline still holds while it does.
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
@@ -197,11 +221,15 @@ def train_in_subprocess(
                 _kill_group(proc)
                 raise TrainingTimeout(cfg.model, limit, proc.pid) from None
         except BaseException:
-            _kill_group(proc)  # an exception, KeyboardInterrupt or cancellation in the caller
+            if proc is not None:
+                _kill_group(proc)  # an exception, KeyboardInterrupt or cancellation in the caller
             raise
         finally:
-            with _LIVE_LOCK:
-                _LIVE.discard(proc)
+            if proc is not None:
+                with _LIVE_LOCK:
+                    _LIVE.discard(proc)
+                if proc.stdout is not None:
+                    proc.stdout.close()
         if code != 0 or not result.exists():
             useful = [t for t in tail if not t.startswith(_NOISE)]
             why = f"killed by signal {-code}" if code < 0 else f"exit code {code}"

@@ -90,7 +90,8 @@ def bundle(small_split, tmp_path_factory, monkeypatch_module) -> dict:
     dataset = {"split": small_split, "split_hash": "h", "dataset_version": "v", "split_counts": {}}
     rec = build_app_bundle(store, "r1", dataset=dataset, exports=exports, guard=guard, champion_uri=ens)
     app = Path(store) / "runs" / "r1" / "app"
-    return {"record": rec, "app": app, "data": json.loads((app / "data/app.json").read_text()), "members": members}
+    data = json.loads((app / "data/app.json").read_text())
+    return {"record": rec, "app": app, "data": data, "members": members, "guard": guard}
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +121,10 @@ def test_first_result_bytes_are_within_15_mb(bundle):
     assert {m["file"] for m in champ["members"]} <= eager  # the champion's files: precached
     assert "data/app.json" in eager and "index.html" in eager and "app.js" in eager
     assert data["guard"] is None or data["guard"]["file"] in eager
-    if data["guard"] is not None:  # float16 weights, the float32 guard's flags on real X-rays
-        assert data["guard"]["precision"] == "float16" and data["guard"]["checks"]["same_flag"] == 1.0
+    if data["guard"] is not None:  # float16 weights when they keep the float32 guard's flags on real X-rays
+        checks = data["guard"]["checks"]
+        within = checks["same_flag"] == 1.0 and checks["max_score_diff_of_threshold"] <= checks["max_score_diff_bound"]
+        assert data["guard"]["precision"] == ("float16" if within else "float32")
     other = next(m for m in data["models"] if not m["champion"])
     assert other["file"] not in eager or other["file"] in {m["file"] for m in champ["members"]}
     assert not [u for u in eager if u.startswith("models/") and u.endswith(".png")]  # plots: with their page
@@ -235,3 +238,29 @@ def test_the_page_computes_the_ensemble_from_its_members_as_python_does(bundle):
             browser.close()
     finally:
         server.shutdown()
+
+
+def test_a_float16_guard_outside_its_bounds_ships_the_float32_guard(bundle, small_split, tmp_path, monkeypatch):
+    """A tighter bound than any float16 file meets (a real conversion, a real difference): the check is
+    recorded once, the float32 guard's own file is what the page gets, and nothing is converted again."""
+    import shutil
+
+    from covid_app import app_models
+
+    guard = bundle["guard"]
+    if guard is None:
+        pytest.skip("no guard: its ImageNet MobileNetV2 weights are absent")
+    copy = tmp_path / "guard"
+    shutil.copytree(Path(guard["uri"]).parent, copy, ignore=shutil.ignore_patterns("fp16"))
+    g = {**guard, "uri": str(copy / Path(guard["uri"]).name)}
+    monkeypatch.setattr(app_models, "GUARD_MAX_SCORE_DIFF", 0.0)
+    small = app_models.app_guard(g, small_split)
+    assert small["precision"] == "float32" and small["rejected"] == "float16"
+    assert small["checks"]["max_score_diff_of_threshold"] > 0.0 and small["checks"]["max_score_diff_bound"] == 0.0
+    assert Path(small["uri"]).read_bytes() == Path(g["uri"]).read_bytes()
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(app_models, "export_tflite", no_conversion)
+    assert app_models.app_guard(g, small_split) == small
