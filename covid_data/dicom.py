@@ -15,28 +15,16 @@ returns patient data: only the pixel module's attributes are used.
 from __future__ import annotations
 
 import io
+import json
+from importlib import resources
 
 import numpy as np
 
-# Transfer syntaxes by UID: what the error messages call them.
-TRANSFER_SYNTAXES: dict[str, str] = {
-    "1.2.840.10008.1.2": "Implicit VR Little Endian",
-    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
-    "1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian",
-    "1.2.840.10008.1.2.2": "Explicit VR Big Endian",
-    "1.2.840.10008.1.2.4.50": "JPEG Baseline (8-bit)",
-    "1.2.840.10008.1.2.4.51": "JPEG Extended (12-bit)",
-    "1.2.840.10008.1.2.4.57": "JPEG Lossless (Process 14)",
-    "1.2.840.10008.1.2.4.70": "JPEG Lossless (Process 14, Selection Value 1)",
-    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
-    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
-    "1.2.840.10008.1.2.4.90": "JPEG 2000 (lossless)",
-    "1.2.840.10008.1.2.4.91": "JPEG 2000",
-    "1.2.840.10008.1.2.4.201": "High-Throughput JPEG 2000 (lossless)",
-    "1.2.840.10008.1.2.4.202": "High-Throughput JPEG 2000 with RPCL (lossless)",
-    "1.2.840.10008.1.2.4.203": "High-Throughput JPEG 2000",
-    "1.2.840.10008.1.2.5": "RLE Lossless",
-}
+# Transfer syntaxes by UID: what the error messages call them. One table for the pipeline and the
+# page (app/src/dicom.js imports the same JSON file at build time).
+TRANSFER_SYNTAXES: dict[str, str] = json.loads(
+    resources.files("covid_data").joinpath("transfer_syntaxes.json").read_text()
+)
 _J2K = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"}
 _NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2"}
 

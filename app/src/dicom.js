@@ -9,25 +9,9 @@
 import dicomParser from "dicom-parser";
 import { Decoder as LosslessDecoder } from "jpeg-lossless-decoder-js";
 import OpenJPEGWASM from "@cornerstonejs/codec-openjpeg/decodewasmjs";
+// Transfer syntax names: one table for the page and the pipeline (covid_data/dicom.py reads it too).
+import TRANSFER_SYNTAXES from "../../covid_data/transfer_syntaxes.json";
 
-export const TRANSFER_SYNTAXES = {
-  "1.2.840.10008.1.2": "Implicit VR Little Endian",
-  "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
-  "1.2.840.10008.1.2.1.99": "Deflated Explicit VR Little Endian",
-  "1.2.840.10008.1.2.2": "Explicit VR Big Endian",
-  "1.2.840.10008.1.2.4.50": "JPEG Baseline (8-bit)",
-  "1.2.840.10008.1.2.4.51": "JPEG Extended (12-bit)",
-  "1.2.840.10008.1.2.4.57": "JPEG Lossless (Process 14)",
-  "1.2.840.10008.1.2.4.70": "JPEG Lossless (Process 14, Selection Value 1)",
-  "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
-  "1.2.840.10008.1.2.4.81": "JPEG-LS Near-Lossless",
-  "1.2.840.10008.1.2.4.90": "JPEG 2000 (lossless)",
-  "1.2.840.10008.1.2.4.91": "JPEG 2000",
-  "1.2.840.10008.1.2.4.201": "High-Throughput JPEG 2000 (lossless)",
-  "1.2.840.10008.1.2.4.202": "High-Throughput JPEG 2000 with RPCL (lossless)",
-  "1.2.840.10008.1.2.4.203": "High-Throughput JPEG 2000",
-  "1.2.840.10008.1.2.5": "RLE Lossless",
-};
 const NATIVE = new Set(["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"]);
 const J2K = new Set(["1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91"]);
 const LOSSLESS = new Set(["1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"]);
