@@ -28,6 +28,16 @@ await esbuild.build({
   external: nodeOnly,
 });
 
+// The models run in a classic worker (LiteRT.js loads its WASM glue with importScripts there).
+await esbuild.build({
+  ...common,
+  entryPoints: [join(root, "src/inference-worker.js")],
+  outfile: join(dist, "inference-worker.js"),
+  format: "iife",
+  target: ["es2022", "chrome109", "safari16.4", "firefox115"],
+  sourcemap: true,
+});
+
 await esbuild.build({
   ...common,
   entryPoints: [join(root, "src/sw.js")],

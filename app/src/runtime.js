@@ -1,13 +1,14 @@
-// LiteRT.js wrapper: one runtime, compiled models cached per (url, accelerator),
-// runs serialised (one at a time) and timed. Model files are downloaded here
-// (through the service worker, which keeps them), with progress reported to
-// onDownload listeners. An ensemble (app.json entry with "members") runs its
-// members' files and averages them as its Keras graph does.
-import { loadLiteRt, loadAndCompile, Tensor } from "@litertjs/core";
+// LiteRT.js, run in a worker (inference-worker.js) so that downloading, compiling
+// and running a model never blocks the page: one runtime, compiled models cached
+// per (url, accelerator), runs serialised (one at a time) and timed. The worker
+// downloads model files (through the service worker, which keeps them) and reports
+// their progress, passed on to onDownload listeners here. An ensemble
+// (app.json entry with "members") runs its members' files and averages them as its
+// Keras graph does.
 import { resizeAntialias } from "./preprocess.js";
 
 let liteRtPromise = null;
-const compiled = new Map(); // key -> Promise<CompiledModel>
+const compiled = new Map(); // key -> Promise<key>, once the worker has compiled it
 const runCounts = new Map(); // key -> number of runs done
 let queue = Promise.resolve();
 
@@ -16,9 +17,48 @@ export function bundleUrl(path) {
   return new URL(String(path).replace(/^\/+/, ""), document.baseURI).href;
 }
 
+let worker = null;
+let nextId = 1;
+const pending = new Map(); // request id -> {resolve, reject}
+
+function inferenceWorker() {
+  if (!worker) {
+    worker = new Worker(bundleUrl("./inference-worker.js"));
+    worker.onmessage = (event) => {
+      const { id, result, error, progress } = event.data || {};
+      if (progress) return report(progress);
+      const p = pending.get(id);
+      if (!p) return;
+      pending.delete(id);
+      if (error !== undefined) p.reject(new Error(error));
+      else p.resolve(result);
+    };
+    worker.onerror = (event) => {
+      // The worker's script did not load or it died: every request fails with the reason, and the
+      // next one starts a new worker (its compiled models are gone with it).
+      event.preventDefault();
+      const e = new Error(`the model runner stopped: ${event.message || "inference-worker.js could not be loaded"}`);
+      for (const p of pending.values()) p.reject(e);
+      pending.clear();
+      worker = null;
+      liteRtPromise = null;
+      compiled.clear();
+    };
+  }
+  return worker;
+}
+
+function call(type, msg = {}) {
+  return new Promise((resolve, reject) => {
+    const id = nextId++;
+    pending.set(id, { resolve, reject });
+    inferenceWorker().postMessage({ id, type, ...msg });
+  });
+}
+
 export function ensureLiteRt() {
   if (!liteRtPromise) {
-    liteRtPromise = loadLiteRt(bundleUrl("./wasm/")).catch((e) => {
+    liteRtPromise = call("init", { wasm: bundleUrl("./wasm/") }).catch((e) => {
       liteRtPromise = null;
       throw e;
     });
@@ -31,7 +71,6 @@ export function webGpuAvailable() {
 }
 
 const downloadListeners = new Set();
-const downloads = new Map(); // path -> Promise<Uint8Array>
 
 /** fn({path, label, loaded, total, done, error}) on each chunk of a model download. */
 export function onDownload(fn) {
@@ -49,58 +88,18 @@ function report(info) {
   }
 }
 
-/** A bundle file's bytes, streamed so that its progress can be shown; `total` is the size app.json gives. */
-export function downloadModel(path, { label = path, total = 0 } = {}) {
-  if (!downloads.has(path)) {
-    const p = (async () => {
-      let res;
-      try {
-        res = await fetch(bundleUrl(path));
-      } catch (e) {
-        // Offline, and the service worker does not keep this file yet (never picked while online).
-        throw new Error(`${label} is not on this device yet and the network is unreachable; connect once to download it (${(total / 1e6).toFixed(1)} MB), it is then kept for offline use`);
-      }
-      if (!res.ok) throw new Error(`${path}: HTTP ${res.status}`);
-      const size = +res.headers.get("content-length") || +total || 0;
-      if (!res.body || !res.body.getReader) return new Uint8Array(await res.arrayBuffer());
-      const reader = res.body.getReader();
-      const chunks = [];
-      let loaded = 0;
-      report({ path, label, loaded, total: size, done: false });
-      for (;;) {
-        const { done, value } = await reader.read();
-        if (done) break;
-        chunks.push(value);
-        loaded += value.length;
-        report({ path, label, loaded, total: size, done: false });
-      }
-      const bytes = new Uint8Array(loaded);
-      let at = 0;
-      for (const c of chunks) {
-        bytes.set(c, at);
-        at += c.length;
-      }
-      report({ path, label, loaded, total: size || loaded, done: true });
-      return bytes;
-    })();
-    downloads.set(path, p);
-    p.catch((e) => {
-      downloads.delete(path);
-      report({ path, label, loaded: 0, total: 0, done: true, error: String((e && e.message) || e) });
-    });
-  }
-  return downloads.get(path);
-}
-
-/** Load + compile lazily; cached. Rejections are not cached (retry possible). */
+/**
+ * Download (with progress, through the service worker, which keeps the file) and compile lazily, both in
+ * the worker: the page's main thread never handles a model's bytes. Cached; rejections are not cached
+ * (retry possible). `info`: {label, total}, what the progress bar and the offline message say.
+ */
 export function getModel(path, accelerator = "wasm", info = {}) {
   const key = `${accelerator}|${path}`;
   if (!compiled.has(key)) {
-    const p = (async () => {
-      const [bytes] = await Promise.all([downloadModel(path, info), ensureLiteRt()]);
-      downloads.delete(path); // compiled now: the bytes need not stay in memory
-      return loadAndCompile(bytes, { accelerator });
-    })();
+    const { label = path, total = 0 } = info;
+    // The worker loads its runtime while the file downloads.
+    const msg = { key, path, url: bundleUrl(path), label, total, accelerator, wasm: bundleUrl("./wasm/") };
+    const p = call("compile", msg).then(() => key);
     compiled.set(key, p);
     p.catch(() => compiled.delete(key));
   }
@@ -119,29 +118,11 @@ function serial(fn) {
  */
 export function runModel(path, accelerator, input, shape, info = {}) {
   return serial(async () => {
-    const model = await getModel(path, accelerator, info);
-    const key = `${accelerator}|${path}`;
+    const key = await getModel(path, accelerator, info);
     const first = !runCounts.get(key);
-    let inTensor = null;
-    let outs = null;
-    try {
-      inTensor = new Tensor(input, shape);
-      const t0 = performance.now();
-      outs = await model.run(inTensor);
-      let out = outs[0];
-      if (out.accelerator !== "wasm") {
-        const moved = await out.moveTo("wasm");
-        outs[0] = moved;
-        out = moved;
-      }
-      const output = Float32Array.from(out.toTypedArray());
-      const ms = performance.now() - t0;
-      runCounts.set(key, (runCounts.get(key) || 0) + 1);
-      return { output, ms, first };
-    } finally {
-      if (inTensor && !inTensor.deleted) inTensor.delete();
-      if (outs) for (const t of outs) if (t && !t.deleted) t.delete();
-    }
+    const { output, ms } = await call("run", { key, input, shape });
+    runCounts.set(key, (runCounts.get(key) || 0) + 1);
+    return { output, ms, first };
   });
 }
 
