@@ -20,7 +20,7 @@ EXTERNAL ?= $(if $(wildcard $(SHENZHEN)),--external-source '$(SHENZHEN_SET)',)
 # ImageNet weights: the shared folder where it exists, else Keras' own cache (~/.keras/models).
 export COVID_WEIGHTS_DIR ?= $(if $(wildcard ../shared/weights),$(abspath ../shared/weights),)
 
-.PHONY: install run prepare test lint bench-ingest clean app app-build browser bench-app
+.PHONY: install run prepare test lint bench-ingest clean app app-build browser bench-app bench-lighthouse
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,5 +67,10 @@ bench-ingest: $(STAMP)
 bench-app: $(STAMP) app-build browser
 	$(PY) benchmarks/app.py
 
+# Lighthouse 12.2.3 (pinned in benchmarks/lighthouse/, its own lockfile) on the champion's app, mobile mode.
+bench-lighthouse: $(STAMP) app-build browser
+	cd benchmarks/lighthouse && { test -d node_modules || npm ci --no-audit --no-fund; }
+	$(PY) benchmarks/lighthouse.py
+
 clean:
-	rm -rf $(VENV) .store .pytest_cache .ruff_cache app/node_modules app/dist
+	rm -rf $(VENV) .store .pytest_cache .ruff_cache app/node_modules app/dist benchmarks/lighthouse/node_modules
