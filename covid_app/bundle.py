@@ -201,7 +201,7 @@ def build_app_bundle(
         if guard is not None:
             small = app_guard(guard, dataset["split"])  # float16 weights when within bounds: half the bytes
             unit.put_file("guard/guard.tflite", local_file(small["uri"], tmp / "guard.tflite"))
-            keep = ("input_size", "channels", "threshold", "colour_threshold", "method", "val_false_alarm")
+            keep = ("input_size", "channels", "threshold", "colour_threshold", "method", "val_false_alarm", "view")
             guard_entry = {"file": "guard/guard.tflite", **{k: guard[k] for k in keep}}
             guard_entry |= {"precision": small["precision"], "checks": small["checks"], "rejected": small["rejected"]}
         data = {

@@ -9,6 +9,10 @@ photographs, screenshots) have features the X-ray subspace cannot explain. The t
 are flagged by design. The whole computation, image to score, is one TFLite file that the app
 runs on the device.
 
+The view check (:mod:`covid_app.view`) is fitted here too, on the same input: training-free cues of a
+frontal film whose thresholds are quantiles over the train and validation X-rays; the record keeps it
+under ``view``.
+
 A guard is a stored unit, ``guards/<split>/<key>/`` completed by ``guard.json``; the key covers
 the settings, the weights file and this module's code, so it is fitted once per split.
 """
@@ -24,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from covid_app import view as V
 from covid_data.store import Store, Unit, as_store
 from covid_models.builders import preprocess_layer
 from covid_models.data import decode_resize, load_split_data
@@ -109,15 +114,23 @@ def scores(train_mean: np.ndarray, basis: np.ndarray, features: np.ndarray) -> n
     return SCALE * (r**2).sum(1)
 
 
-def _features(model, paths: list[str]) -> np.ndarray:
+def _features_and_cues(model, paths: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Features and view cues of ``paths``, from one decode of each file (the guard's input)."""
     import tensorflow as tf
 
     ds = (
         tf.data.Dataset.from_tensor_slices(paths)
-        .map(lambda p: tf.cast(decode_resize(p, INPUT_SIZE, 1), tf.float32), num_parallel_calls=tf.data.AUTOTUNE)
+        .map(lambda p: decode_resize(p, INPUT_SIZE, 1), num_parallel_calls=tf.data.AUTOTUNE)
         .batch(64)
     )
-    return model.predict(ds, verbose=0)
+    feats, cues = [], []
+    for batch in ds:
+        x = batch.numpy()
+        feats.append(np.asarray(model.predict_on_batch(x.astype("float32"))))
+        cues.extend(V.cues(im) for im in x)
+    if not feats:
+        return np.zeros((0, int(model.output.shape[-1])), np.float32), V.cue_arrays([])
+    return np.concatenate(feats), {k: np.array([c[k] for c in cues]) for k in ("asymmetry", "midline")}
 
 
 def guard_key(weights_sha256: str) -> str:
@@ -127,6 +140,8 @@ def guard_key(weights_sha256: str) -> str:
         "quantile": QUANTILE,
         "weights": weights_sha256,
         "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12],
+        # The view check is part of the record: a new definition must not reuse an old guard unit.
+        "view": {"version": V.VERSION, "code": hashlib.sha256(Path(V.__file__).read_bytes()).hexdigest()[:12]},
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -147,12 +162,14 @@ def ensure_guard(store: Store | str, split_uri: str, split_hash: str) -> dict[st
     if rec is None:
         data = load_split_data(split_uri)
         features = feature_model(weights)
-        train = _features(features, data.files("train")[0])
+        train, train_cues = _features_and_cues(features, data.files("train")[0])
         mean, basis = fit_subspace(train)
-        val = scores(mean, basis, _features(features, data.files("val")[0]))
+        val_features, val_cues = _features_and_cues(features, data.files("val")[0])
+        val = scores(mean, basis, val_features)
         threshold = float(np.quantile(val, QUANTILE))
-        test_paths = data.files("test")[0]
-        test = scores(mean, basis, _features(features, test_paths)) if test_paths else np.zeros(0)
+        test_features, test_cues = _features_and_cues(features, data.files("test")[0])
+        test = scores(mean, basis, test_features) if len(test_features) else np.zeros(0)
+        trainval_cues = {k: np.concatenate([train_cues[k], val_cues[k]]) for k in train_cues}
         with tempfile.TemporaryDirectory(prefix="guard-") as tmp:
             out = Path(tmp) / "guard.tflite"
             export_guard(score_model(features, mean, basis, batch_size=1), out)
@@ -173,10 +190,16 @@ def ensure_guard(store: Store | str, split_uri: str, split_hash: str) -> dict[st
             "fitted_on": {"split_hash": split_hash, "train": len(train), "val": len(val), "test": len(test)},
             "val_false_alarm": float(np.mean(val > threshold)),
             "test_false_alarm": float(np.mean(test > threshold)) if len(test) else None,
+            "view": V.record(trainval_cues, test_cues),
         }
         unit.complete(rec)
         rec = unit.record()
-        log.info("fitted the OOD guard: threshold %.3f, test false alarms %s", threshold, rec["test_false_alarm"])
+        log.info(
+            "fitted the OOD guard: threshold %.3f, test false alarms %s; view check test false alarms %s",
+            threshold,
+            rec["test_false_alarm"],
+            rec["view"]["test_false_alarm"],
+        )
     rec = {k: v for k, v in rec.items() if k != "objects"}
     return {**rec, "uri": unit.store.uri_for(unit.key("guard.tflite"))}
 

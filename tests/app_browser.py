@@ -89,6 +89,24 @@ def _test_xrays(published, n: int) -> list[Path]:
     return [root / p for p in picks[:n]]
 
 
+def turned_xray(published, view: dict, tmp: Path, n: int = 12) -> tuple[Path, Path, dict]:
+    """(upright, turned by 90 degrees, the turned one's cues): the first of ``n`` test X-rays whose
+    upright view passes the view check and whose turned view is flagged, by Python's cues."""
+    from PIL import Image
+
+    from covid_app import view as V
+    from covid_models.data import decode_resize
+
+    assert view["version"] == V.VERSION, view
+    for path in _test_xrays(published, n):
+        x = decode_resize(str(path), V.INPUT_SIZE, 1).numpy()[..., 0]
+        if not V.flagged(V.cues(x), view) and V.flagged(V.cues(np.rot90(x)), view):
+            with Image.open(path) as im:
+                im.convert("L").transpose(Image.Transpose.ROTATE_90).save(tmp / "turned.png")
+            return path, tmp / "turned.png", V.cues(decode_resize(str(tmp / "turned.png"), V.INPUT_SIZE, 1).numpy())
+    raise AssertionError(f"none of {n} test X-rays passes the view check upright and is flagged turned")
+
+
 def _python_probs(tflite: Path, image: Path, size: int, channels: int) -> np.ndarray:
     import tensorflow as tf
 

@@ -40,6 +40,7 @@ from tests.app_browser import (
     _test_xrays,
     axe_violations,
     installability_errors,
+    turned_xray,
 )
 from tests.conftest import MOBILENET_WEIGHTS, REPO, SAMPLE, SHARED, make_kaggle_folder, require_shared
 
@@ -308,6 +309,41 @@ def test_out_of_distribution_images_are_flagged(page, published, tmp_path):
         assert "chest x-ray" in page.inner_text("#ood-warning").lower()
         assert not page.is_visible("#results[data-state='done']"), f"probabilities shown for {path.name}"
         assert float(page.get_attribute("#ood-warning", "data-score")) > 0
+
+
+def test_view_check_flags_a_turned_xray(browser, server, published, tmp_path):
+    """A real test X-ray turned by 90 degrees is flagged for its view (after colour and score; the score's
+    threshold lifted so that the view decides), with Python's cues and the message that a frontal film is
+    expected; upright it passes. The About page shows the view check with no empty field."""
+    data = published["data"]
+    upright, turned, expected = turned_xray(published, data["guard"]["view"], tmp_path)
+    lifted = {**data, "guard": {**data["guard"], "threshold": 1e9}}
+    ctx = browser.new_context(viewport=PHONE, service_workers="block")
+    try:
+        pg = ctx.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.route("**/data/app.json", lambda r: r.fulfill(json=lifted))
+        pg.goto(server.url + "#/")
+        pg.wait_for_selector("body[data-ready='true']", timeout=60_000)
+        done = f"#results[data-state='done'][data-model='{data['models'][0]['name']}']"
+        _pick(pg, turned)
+        pg.wait_for_selector("#ood-warning[data-reason='view']", state="visible", timeout=60_000)
+        text = pg.inner_text("#ood-warning").lower()
+        assert "frontal (pa or ap)" in text and "lateral or other view" in text, text
+        assert {k: float(pg.get_attribute("#ood-warning", f"data-{k}")) for k in expected} == expected
+        assert not pg.is_visible("#results"), "a result was shown before confirming"
+        pg.click("#classify-anyway")
+        pg.wait_for_selector(done, timeout=60_000)
+        _pick(pg, upright)
+        pg.wait_for_selector(done, timeout=60_000)
+        assert not pg.is_visible("#ood-warning") and "frontal chest x-ray" in pg.inner_text("#guard-notice").lower()
+        pg.goto(server.url + "#/about")
+        about = pg.locator("#about-page").inner_text() if pg.wait_for_selector("#about-page .view-check") else ""
+        assert "Frontal view check" in about and not re.search(r"\b(null|undefined|NaN|n/a)\b", about), about
+        assert not errors, errors
+    finally:
+        ctx.close()
 
 
 def test_results_screenshot_at_phone_size(page, published, tmp_path):

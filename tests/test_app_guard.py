@@ -11,6 +11,7 @@ from tests.conftest import MOBILENET_WEIGHTS, SHARED, make_kaggle_folder, requir
 from tests.photographs import photographs
 
 OOD = SHARED / "data" / "ood-radiographs"
+DICOM_NOT_CHEST = (SHARED / "data" / "dicom" / "RG3_J2KR.dcm", SHARED / "data" / "dicom" / "CR-ModalitySequenceLUT.dcm")
 
 
 def _images(paths) -> np.ndarray:
@@ -21,7 +22,7 @@ def _images(paths) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory, monkeypatch_module):
-    require_shared(MOBILENET_WEIGHTS, OOD)
+    require_shared(MOBILENET_WEIGHTS, OOD, *DICOM_NOT_CHEST)
     from covid_data.dataset import fetch_dataset, load_manifest
     from covid_data.split import SplitConfig, write_split
     from covid_data.store import open_store
@@ -61,6 +62,56 @@ def test_guard_flags_other_radiographs_and_photographs(fitted):
     photos = photographs()
     photo_scores = G.tflite_scores(rec["uri"], np.stack(list(photos.values())))
     assert all(photo_scores > rec["threshold"]), dict(zip(photos, photo_scores.round(1), strict=True))
+
+
+def test_view_check_in_the_record(fitted):
+    """The record's view check: its version, thresholds that are the stated quantiles of the train and
+    validation X-rays' cues (computed again here, file by file), and its false-alarm rates."""
+    from covid_app import view as V
+    from covid_models.data import load_split_data
+
+    rec, split = fitted
+    view = rec["view"]
+    assert view["version"] == V.VERSION and view["quantiles"] == {"asymmetry": 0.995, "midline": 0.005}
+    data = load_split_data(split.uri)
+    trainval = V.cue_arrays(_images(data.files("train")[0] + data.files("val")[0]))
+    n = len(trainval["asymmetry"])
+    assert view["fitted_on"]["trainval"] == n == rec["fitted_on"]["train"] + rec["fitted_on"]["val"]
+    assert view["asymmetry_threshold"] == float(np.quantile(trainval["asymmetry"], 0.995))
+    assert view["midline_threshold"] == float(np.quantile(trainval["midline"], 0.005))
+    # Below a linearly interpolated 0.5% quantile lie at most floor(0.005 (n - 1)) + 1 values; above the
+    # 99.5% quantile as many: the two cues together flag at most twice that.
+    assert view["trainval_false_alarm"] <= 2 * (np.floor(0.005 * (n - 1)) + 1) / n + 1e-9
+    assert view["test_false_alarm"] is not None and view["test_false_alarm"] <= 0.1
+    # A new view-check definition makes a new guard unit: its version and code are in the key.
+    assert G.guard_key("x") != _key_with_view_version(V.VERSION + 1)
+
+
+def _key_with_view_version(version: int) -> str:
+    from covid_app import view as V
+
+    old = V.VERSION
+    V.VERSION = version
+    try:
+        return G.guard_key("x")
+    finally:
+        V.VERSION = old
+
+
+def test_guard_with_view_check_flags_non_chest_pictures(fitted):
+    """The whole check the page runs (score, then view) on the 44 non-chest radiographs and the DICOM
+    ankle and dental films: at least 95% flagged (issue 17's goal)."""
+    from covid_app import view as V
+
+    rec, _ = fitted
+    paths = sorted(p for p in OOD.glob("*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    paths += list(DICOM_NOT_CHEST)
+    imgs = _images(paths)
+    score = G.tflite_scores(rec["uri"], imgs)
+    view = np.array([V.flagged(V.cues(x), rec["view"]) for x in imgs])
+    flagged = (score > rec["threshold"]) | view
+    missed = [p.name for p, f in zip(paths, flagged, strict=True) if not f]
+    assert len(missed) <= 0.05 * len(paths), f"missed {len(missed)}/{len(paths)}: {missed}"
 
 
 def test_tflite_guard_scores_as_fitted(fitted):

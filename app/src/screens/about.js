@@ -67,6 +67,7 @@ export function renderAbout() {
             isNum(guard.val_false_alarm) ? `; false alarms on validation X-rays: ${pct(guard.val_false_alarm)}` : "",
             ".",
           ),
+          viewAbout(guard.view),
         )
       : el("p", { class: "guard-unavailable", text: guardUnavailable(app) }),
     el("h3", { text: "“Why this class?”" }),
@@ -75,5 +76,29 @@ export function renderAbout() {
     }),
     limits.length ? el("h3", { text: "Known limits of the data" }) : null,
     limits.length ? el("ul", {}, ...limits.map((l) => el("li", { html: renderInline(l) }))) : null,
+  );
+}
+
+// The view check's part of the guard: its method and thresholds, only the figures the release has.
+function viewAbout(view) {
+  if (!view || typeof view !== "object") {
+    return el("p", { class: "muted", text: "This release's guard has no view check: every picture waits for your confirmation." });
+  }
+  const rates = [
+    isNum(view.trainval_false_alarm) ? `false alarms on training and validation X-rays ${pct(view.trainval_false_alarm)}` : null,
+    isNum(view.test_false_alarm) ? `on test X-rays ${pct(view.test_false_alarm)}` : null,
+  ].filter(Boolean);
+  return el(
+    "div",
+    { class: "view-check" },
+    el("h4", { text: "Frontal view check" }),
+    el("p", { text: str(view.method, "A frontal (PA or AP) chest X-ray is expected; lateral and other views are flagged.") }),
+    el(
+      "p",
+      { class: "muted" },
+      `Asymmetry limit ${fmtScore(+view.asymmetry_threshold)}; midline limit ${fmtScore(+view.midline_threshold)}`,
+      rates.length ? `; ${rates.join(", ")}` : "",
+      ".",
+    ),
   );
 }

@@ -16,6 +16,8 @@ function clearOod() {
   w.hidden = true;
   delete w.dataset.score;
   delete w.dataset.reason;
+  delete w.dataset.asymmetry;
+  delete w.dataset.midline;
   $("ood-text").textContent = "";
 }
 
@@ -107,6 +109,7 @@ async function analyse(seq, { rgba, width, height }, blob) {
         return r.output;
       });
       if (!g.available) why = "this release's guard entry names no guard file";
+      else if (!g.ood && !g.view) why = "this release's guard has no view check this page can run (frontal or not)";
     } catch (e) {
       console.error("guard failed", e);
       why = `the guard model failed on this device (${(e && e.message) || e})`;
@@ -122,7 +125,9 @@ async function analyse(seq, { rgba, width, height }, blob) {
     return;
   }
   const notice = $("guard-notice");
-  notice.textContent = `X-ray guard: score ${fmtScore(g.score)} (threshold ${fmtScore(g.threshold)}), colour ${g.colour.toFixed(3)} (threshold ${fmtScore(g.colourThreshold)}): looks like a chest X-ray.`;
+  notice.textContent =
+    `X-ray guard: score ${fmtScore(g.score)} (threshold ${fmtScore(g.threshold)}), colour ${g.colour.toFixed(3)} (threshold ${fmtScore(g.colourThreshold)}), ` +
+    `view: asymmetry ${fmtScore(g.view.asymmetry)} (limit ${fmtScore(g.view.asymmetryThreshold)}), midline ${fmtScore(g.view.midline)} (limit ${fmtScore(g.view.midlineThreshold)}): looks like a frontal chest X-ray.`;
   notice.hidden = false;
   state.pick.allowed = true;
   $("compare-all").disabled = false;
@@ -139,14 +144,30 @@ function showOod(g, why) {
   } else {
     w.dataset.score = String(g.score);
     w.dataset.reason = g.reason;
-    const what =
-      g.reason === "colour"
-        ? `It is in colour (colourfulness ${g.colour.toFixed(3)}, limit ${fmtScore(g.colourThreshold)}), and X-rays are grayscale.`
-        : `Its guard score is ${fmtScore(g.score)}, above the threshold of ${fmtScore(g.threshold)} (higher means less like the training X-rays).`;
-    $("ood-title").textContent = "This does not look like a frontal chest X-ray.";
-    $("ood-text").textContent = `${what} Guard score ${fmtScore(g.score)}, threshold ${fmtScore(g.threshold)}.`;
+    if (g.view) {
+      w.dataset.asymmetry = String(g.view.asymmetry);
+      w.dataset.midline = String(g.view.midline);
+    }
+    $("ood-title").textContent =
+      g.reason === "view"
+        ? "This looks like a lateral or other view, not a frontal chest X-ray."
+        : "This does not look like a frontal chest X-ray.";
+    $("ood-text").textContent = `${oodWhat(g)} Guard score ${fmtScore(g.score)}, threshold ${fmtScore(g.threshold)}.`;
   }
   w.hidden = false;
+}
+
+function oodWhat(g) {
+  if (g.reason === "colour") return `It is in colour (colourfulness ${g.colour.toFixed(3)}, limit ${fmtScore(g.colourThreshold)}), and X-rays are grayscale.`;
+  if (g.reason === "view") {
+    const v = g.view;
+    return (
+      "The app expects a frontal (PA or AP) chest X-ray, and this looks like a lateral or other view: " +
+      `left-right asymmetry ${fmtScore(v.asymmetry)} (limit ${fmtScore(v.asymmetryThreshold)}), ` +
+      `midline ${fmtScore(v.midline)} (at least ${fmtScore(v.midlineThreshold)} expected).`
+    );
+  }
+  return `Its guard score is ${fmtScore(g.score)}, above the threshold of ${fmtScore(g.threshold)} (higher means less like the training X-rays).`;
 }
 
 async function classifyAnyway() {
