@@ -10,6 +10,7 @@ import json
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -60,16 +61,30 @@ class Server:
             stderr=subprocess.STDOUT,
             text=True,
         )
+        self.output: list[str] = []
         deadline = time.time() + 120
         for line in self.proc.stdout:
+            self.output.append(line)
             m = re.search(r"at (http://127\.0\.0\.1:\d+/)", line)
             if m:
                 self.url = m.group(1)
+                # Keep reading what it says: an unread pipe would block it once full, and a server
+                # that dies must say why (see check()).
+                threading.Thread(target=self._drain, daemon=True).start()
                 return
             if time.time() > deadline:
                 break
         self.proc.kill()
-        raise RuntimeError(f"the app server did not start: {self.proc.stdout.read()}")
+        raise RuntimeError(f"the app server did not start: {''.join(self.output)}{self.proc.stdout.read()}")
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.output.append(line)
+
+    def check(self) -> None:
+        """Fail with the server's exit code and last words when it is no longer running."""
+        code = self.proc.poll()
+        assert code is None, f"the app server exited with code {code}; its output ends: {''.join(self.output[-40:])}"
 
     def stop(self) -> None:
         self.proc.terminate()

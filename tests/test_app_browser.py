@@ -111,6 +111,7 @@ def page(browser, server):
     pg.wait_for_selector("body[data-ready='true']", timeout=60_000)
     yield pg
     ctx.close()
+    server.check()  # a test that failed because the server died says so, with its last words
     assert not errors, f"uncaught errors in the page: {errors}"
 
 
