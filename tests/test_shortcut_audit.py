@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prefect.exceptions import ParameterTypeError
 
 from covid_data.store import open_store
 from covid_eval.segmenter_unit import SegmenterConfig, train_segmenter_unit
@@ -24,9 +25,15 @@ from covid_eval.shortcut_audit import (
     black_out,
     chance,
     cover,
+    report_lines,
     score,
 )
 from covid_eval.shortcut_audit_unit import EXAMPLES, MARKER, SegmenterUnitError, audit_split, audit_unit
+from covid_models.presets import get_preset
+from covid_registry.run_folder import report_markdown
+from flows.retrain import retrain
+from flows.retrain_params import DataParams, cli_parameters
+from tasks.audit import audit_data
 
 SIZE = 64
 PIXELS = AuditConfig(size=SIZE, features="pixels", pixels=16)
@@ -205,3 +212,48 @@ def test_an_incomplete_segmenter_is_refused_by_name(small_split, tmp_path):
     (tmp_path / "segmenters" / "abc").mkdir(parents=True)
     with pytest.raises(SegmenterUnitError, match=r"abc: not a complete segmenter unit"):
         audit_split(small_split, str(tmp_path / "segmenters" / "abc"), PIXELS, cache_dir=tmp_path)
+
+
+def test_the_run_report_shows_the_accuracy_its_interval_and_meaning(audited):
+    rec = audited["first"]
+    run = {"run_id": "r1", "dataset": {"dataset_version": "v", "split_hash": "h"}, "preset": {"name": "cpu"}}
+    report = report_markdown({**run, "exports": [], "models": {}, "shortcut_audit": rec}, "| board |")
+    lo, hi = rec["masked"]["accuracy_ci95"]
+    assert f"Test accuracy {rec['masked']['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n=12)" in report
+    assert rec["meaning"] in report and rec["uri"] in report
+    failed = report_lines({"status": "failed", "reason": "no weights"})
+    assert failed[-1].endswith("not computed: no weights")
+    assert "Shortcut audit" not in report_markdown({**run, "exports": [], "models": {}}, "| board |")
+
+
+# -- the retrain flow's option ------------------------------------------------------------------------
+def test_the_option_is_off_by_default_and_checked_before_the_run():
+    assert DataParams().lung_masks is None and DataParams().segmenter is None
+    argv = ["--lung-masks", "/m", "--segmenter", '{"steps": 300}']
+    data = cli_parameters(argv)["data"]
+    assert data == retrain.validate_parameters({"data": {"lung_masks": "/m", "segmenter": {"steps": 300}}})["data"]
+    kw = data.prepare_kwargs(get_preset("cpu"))
+    assert "lung_masks" not in kw and "segmenter" not in kw  # the prepare-data subflow takes neither
+    with pytest.raises(ParameterTypeError, match="not a segmenter recipe"):
+        retrain.validate_parameters({"data": {"segmenter": {"stepz": 300}}})
+
+
+def test_the_flow_stage_audits_and_a_failure_is_recorded_not_raised(
+    prefect_server, shenzhen_few, segmenter, small_split
+):
+    from prefect import flow
+
+    store = str(Path(segmenter).parents[1])  # where the segmenter unit is: the stage reuses it
+
+    @flow
+    def stage(masks: str | None, audit: dict) -> dict | None:
+        return audit_data(masks, store, small_split, TINY.to_dict(), audit)
+
+    assert stage(None, PIXELS.to_dict()) is None
+    wider = {**PIXELS.to_dict(), "margin": 0.08}  # a recipe of its own: computed here, not found complete
+    rec = stage(str(shenzhen_few), wider)
+    assert rec["status"] == "computed" and rec["segmenter"]["uri"] == segmenter
+    assert rec["config"]["margin"] == 0.08 and rec["masked"]["n"] == 12 and rec["meaning"]
+    bad = stage(str(shenzhen_few), {**PIXELS.to_dict(), "margin": 0.7})
+    assert bad["status"] == "failed" and "margin is a share of the image side" in bad["reason"]
+    assert "not computed: the shortcut audit failed" in report_lines(bad)[-1]
