@@ -293,12 +293,13 @@ def report_lines(audit: dict[str, Any] | None) -> list[str]:
         return ["", f"{head} not computed: {audit.get('reason') or audit.get('error')}"]
     m, u, b = audit["masked"], audit["unmasked"], audit["blacked_out"]
     lo, hi = m["accuracy_ci95"]
+    cap = f", the split capped at {audit['max_per_class']} images per class" if audit.get("max_per_class") else ""
     return [
         "",
         f"{head} {audit['meaning']}.",
         "",
-        f"Test accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={m['n']}) with {b['mean_share']:.0%} of each "
-        f"image blacked out on average; the same classifier on the whole images {u['accuracy']:.3f}; on the black "
-        f"region's shape alone {audit['mask_only']['accuracy']:.3f}; chance {audit['chance']['majority']:.3f} "
+        f"Test accuracy {m['accuracy']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={m['n']}{cap}) with {b['mean_share']:.0%} "
+        f"of each image blacked out on average; the same classifier on the whole images {u['accuracy']:.3f}; on the "
+        f"black region's shape alone {audit['mask_only']['accuracy']:.3f}; chance {audit['chance']['majority']:.3f} "
         f"(majority class), {audit['chance']['uniform']:.3f} (1/K). Stored with the dataset version: `{audit['uri']}`.",
     ]

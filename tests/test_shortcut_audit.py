@@ -224,6 +224,8 @@ def test_the_run_report_shows_the_accuracy_its_interval_and_meaning(audited):
     failed = report_lines({"status": "failed", "reason": "no weights"})
     assert failed[-1].endswith("not computed: no weights")
     assert "Shortcut audit" not in report_markdown({**run, "exports": [], "models": {}}, "| board |")
+    capped = report_lines({**rec, "max_per_class": 40})[-1]
+    assert "n=12, the split capped at 40 images per class)" in capped
 
 
 # -- the retrain flow's option ------------------------------------------------------------------------
