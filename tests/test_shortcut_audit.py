@@ -30,6 +30,7 @@ from covid_eval.shortcut_audit import (
 )
 from covid_eval.shortcut_audit_unit import EXAMPLES, MARKER, SegmenterUnitError, audit_split, audit_unit
 from covid_models.presets import get_preset
+from covid_models.weights import MissingWeightsError
 from covid_registry.run_folder import report_markdown
 from flows.retrain import retrain
 from flows.retrain_params import DataParams, cli_parameters
@@ -206,6 +207,12 @@ def test_the_record_holds_the_figures_on_real_xrays(audited, small_split):
         "Viral Pneumonia",
     }
     assert rec["segmenter"]["key"] == Path(audited["first"]["segmenter"]["uri"]).name
+
+
+def test_without_the_weights_the_error_names_the_file_and_the_way_out(small_split, segmenter, tmp_path, monkeypatch):
+    monkeypatch.setenv("COVID_WEIGHTS_DIR", str(tmp_path / "no-weights"))  # and no downloads (conftest)
+    with pytest.raises(MissingWeightsError, match=r"(?s)mobilenet_v2_weights.*no-weights.*features='pixels'"):
+        audit_split(small_split, segmenter, replace(PIXELS, features="mobilenet_v2"), cache_dir=tmp_path)
 
 
 def test_an_incomplete_segmenter_is_refused_by_name(small_split, tmp_path):
