@@ -19,6 +19,7 @@ from typing import Any
 from covid_data.store import Store, Unit, open_store
 from covid_eval.gallery import card_lines, contact_sheet, small_png
 from covid_eval.gradcam import shortcut_meaning
+from covid_eval.shortcut_audit import report_lines as audit_report_lines
 from covid_registry.model_card import (
     describe_weights,
     export_lines,
@@ -258,6 +259,7 @@ def report_markdown(
     ]
     lines += external_report_lines(run.get("external"))
     lines += shortcut_table(run.get("explain"))
+    lines += audit_report_lines(run.get("shortcut_audit"))
     promotion = run.get("promotion")
     if promotion:
         lines += ["", f"**Promotion:** {promotion['reason']}"]

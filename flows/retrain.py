@@ -26,6 +26,7 @@ from flows.retrain_params import (
     cli_parameters,
     run_preset,
 )
+from tasks.audit import audit_data
 from tasks.explain import explain_models
 from tasks.fanout import on_dask, train_models
 from tasks.locks import store_run_lock
@@ -100,6 +101,10 @@ def retrain(
         dataset = prepare_data(store=store, **data.prepare_kwargs(p))
         plan = configure_models(p.to_dict(), dataset, store, training.selected(p), training.overrides or {})
         clock.lap("prepare_data")
+        # A fact about the data, before any model: with data.lung_masks, the lungs blacked out and read around.
+        audit = audit_data(data.lung_masks, store, dataset["split"], data.segmenter, max_per_class=p.max_per_class)
+        if audit is not None:
+            clock.lap("shortcut_audit")
         records = on_dask(train_stage, training.dask_address)(plan["configs"], **training.fanout(p))
         split, split_hash = dataset["split"], dataset["split_hash"]
         combined = build_ensemble(records, training.ensemble_size(p), split, split_hash, store, p.max_per_class)
@@ -127,7 +132,7 @@ def retrain(
         clock.lap("app")
         done = finish_run(
             store, run, dataset, p.to_dict(), board, records, published, exports, blessing, clock.seconds,
-            app, explain=explain, externals=externals,
+            app, explain=explain, externals=externals, shortcut_audit=audit,
         )  # fmt: skip
         # The Pusher last: the champion only ever points at a complete run, exports and app.
         ready = not_ready(len(exports) == len(top) == needed, app)

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from covid_data.split import SplitConfig
 from covid_data.validation import PROFILES
 from covid_eval.negative_report import external_set
+from covid_eval.segmenter_unit import SegmenterConfig
 from covid_models.builders import MODEL_NAMES
 from covid_models.presets import PRESETS, Preset, get_preset
 from flows.prepare_data import DEFAULT_SOURCE, DEFAULT_STORE, add_data_arguments, data_settings
@@ -62,6 +63,20 @@ class DataParams(_Params):
     """a near-duplicate group larger than this share of the images is regrouped at tighter distances (1: no bound)"""
     kaggle_secret_block: str | None = DEFAULT_SECRET_BLOCK
     """Prefect Secret block with Kaggle credentials, used when the client finds none (none: never)"""
+    lung_masks: str | None = None
+    """lung-mask source (e.g. ../shared/data/shenzhen-cxr): train or reuse a lung segmenter on it and audit the data
+    for shortcuts, the lungs blacked out (none: no audit)"""
+    segmenter: dict[str, Any] | None = None
+    """with lung_masks: the segmenter's recipe, SegmenterConfig fields, e.g. {"steps": 300} (default: its defaults)"""
+
+    @field_validator("segmenter")
+    @classmethod
+    def _a_segmenter_recipe(cls, recipe: dict[str, Any] | None) -> dict[str, Any] | None:
+        try:
+            SegmenterConfig.from_dict(recipe)  # a misspelt field is refused before the run starts
+        except TypeError as e:
+            raise ValueError(f"not a segmenter recipe: {e}") from e
+        return recipe
 
     @field_validator("split")
     @classmethod
@@ -74,7 +89,7 @@ class DataParams(_Params):
         """The prepare-data subflow's parameters: the split is the preset's (the run's ``split`` is
         already in it), the profile follows the source unless one is named."""
         train, val, test = preset.split
-        kw = self.model_dump(exclude={"split", "profile"})
+        kw = self.model_dump(exclude={"split", "profile", "lung_masks", "segmenter"})
         return {**kw, "profile": self.profile or default_profile(self.source), "train": train, "val": val, "test": test}
 
 
@@ -215,6 +230,8 @@ def cli_parser(description: str | None = None) -> argparse.ArgumentParser:
     _option(ap, PromotionParams, "covid_noninferiority_margin", type=_optional_float)
     _option(ap, DataParams, "split", type=_ratios)
     add_data_arguments(ap)
+    _option(ap, DataParams, "lung_masks")
+    _option(ap, DataParams, "segmenter", type=json.loads, help_extra=" (JSON)")
     _option(ap, TrainingParams, "model_timeout_s", type=float)
     _option(ap, TrainingParams, "pickup_timeout_s", type=float)
     _option(

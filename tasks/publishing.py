@@ -132,8 +132,10 @@ def finish_run(
     *,
     explain: list[dict[str, Any]] | None = None,
     externals: dict[str, list[dict[str, Any]]] | None = None,
+    shortcut_audit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The report (file and ``retrain-report`` artifact), then ``run.json``, the run's marker."""
+    """The report (file and ``retrain-report`` artifact), then ``run.json``, the run's marker.
+    ``shortcut_audit``: the data's audit (``tasks.audit.audit_data``), when the run made one."""
     ok = all(r["status"] in ("trained", "cached", "skipped") for r in records)  # skipped: no weights file
     run = {
         "run_id": run_id,
@@ -154,6 +156,7 @@ def finish_run(
         "app": app,
         "explain": explain,
         "external": externals or {},
+        "shortcut_audit": shortcut_audit,
     }
     report = report_markdown(run, board["markdown"], store=open_store(store))
     stored = complete_run(store, run_id, run, report)

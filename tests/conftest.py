@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 SAMPLE = SHARED / "data" / "covid19-radiography-sample"
 SAMPLE_ROOT = SAMPLE / "COVID-19_Radiography_Dataset"
+SHENZHEN_CXR = SHARED / "data" / "shenzhen-cxr"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.weights.h5"
 CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 
@@ -63,6 +64,21 @@ def sample_files(n_per_class: int, seed: int = 0) -> dict[str, list[Path]]:
         files = sorted((SAMPLE_ROOT / c / "images").glob("*.png"))
         out[c] = rng.sample(files, n_per_class)
     return out
+
+
+@pytest.fixture(scope="module")
+def shenzhen_few(tmp_path_factory) -> Path:
+    """A seeded dozen of the Shenzhen X-rays with their masks, in the set's own layout (a mask source the
+    segmenter trains on in seconds)."""
+    require_shared(SHENZHEN_CXR / "masks")
+    root = tmp_path_factory.mktemp("shenzhen-few")
+    (root / "masks").mkdir()
+    for m in random.Random(16).sample(sorted((SHENZHEN_CXR / "masks").glob("*.png")), 12):
+        finding = "Normal" if m.stem.endswith("_0") else "Tuberculosis"
+        (root / finding).mkdir(exist_ok=True)
+        shutil.copyfile(SHENZHEN_CXR / finding / m.name, root / finding / m.name)
+        shutil.copyfile(m, root / "masks" / m.name)
+    return root
 
 
 def lung_mask_png(path: Path, size: int = 256) -> Path:

@@ -61,6 +61,9 @@ FLAT_DEFAULTS = {
     "external_floor": None,
     "external_false_alarm_ceiling": None,
     "ensemble": None,
+    # issue 16 §3: the shortcut audit, off unless a lung-mask source is named
+    "lung_masks": None,
+    "segmenter": None,
 }
 
 

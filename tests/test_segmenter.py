@@ -8,7 +8,6 @@ BENCHMARKS.md measures).
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from pathlib import Path
 
@@ -27,9 +26,8 @@ from covid_eval.segmenter_unit import (
     segmenter_unit,
     train_segmenter_unit,
 )
-from tests.conftest import SHARED, lung_mask_png, make_kaggle_folder, require_shared
+from tests.conftest import lung_mask_png, make_kaggle_folder
 
-SHENZHEN = SHARED / "data" / "shenzhen-cxr"
 TINY = SegmenterConfig(size=32, filters=(4, 8, 16), steps=4, batch_size=4, parity_images=4)
 
 
@@ -150,20 +148,6 @@ def test_the_heldout_split_is_seeded_and_drawn_within_each_folder(tmp_path):
 
 
 # -- the stored unit, trained for real --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def shenzhen_few(tmp_path_factory) -> Path:
-    """A seeded dozen of the Shenzhen X-rays with their masks, in the set's own layout."""
-    require_shared(SHENZHEN / "masks")
-    root = tmp_path_factory.mktemp("shenzhen-few")
-    (root / "masks").mkdir()
-    for m in random.Random(16).sample(sorted((SHENZHEN / "masks").glob("*.png")), 12):
-        finding = "Normal" if m.stem.endswith("_0") else "Tuberculosis"
-        (root / finding).mkdir(exist_ok=True)
-        shutil.copyfile(SHENZHEN / finding / m.name, root / finding / m.name)
-        shutil.copyfile(m, root / "masks" / m.name)
-    return root
-
-
 @pytest.fixture(scope="module")
 def trained(shenzhen_few, tmp_path_factory):
     """The unit trained once over what an interrupted attempt left; every store write logged."""
