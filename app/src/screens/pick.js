@@ -161,11 +161,15 @@ function oodWhat(g) {
   if (g.reason === "colour") return `It is in colour (colourfulness ${g.colour.toFixed(3)}, limit ${fmtScore(g.colourThreshold)}), and X-rays are grayscale.`;
   if (g.reason === "view") {
     const v = g.view;
-    return (
-      "The app expects a frontal (PA or AP) chest X-ray, and this looks like a lateral or other view: " +
-      `left-right asymmetry ${fmtScore(v.asymmetry)} (limit ${fmtScore(v.asymmetryThreshold)}), ` +
-      `midline ${fmtScore(v.midline)} (at least ${fmtScore(v.midlineThreshold)} expected).`
-    );
+    // Say which cue failed (either may, or both); NaN cues fail too, as in checkGuard.
+    const why = [];
+    if (!(v.asymmetry <= v.asymmetryThreshold)) {
+      why.push(`its left and right halves differ more than a frontal film's do (asymmetry ${fmtScore(v.asymmetry)}, at most ${fmtScore(v.asymmetryThreshold)})`);
+    }
+    if (!(v.midline >= v.midlineThreshold)) {
+      why.push(`it lacks a frontal film's bright midline (spine and heart) between two darker lung fields (midline ${fmtScore(v.midline)}, at least ${fmtScore(v.midlineThreshold)})`);
+    }
+    return `The app expects a frontal (PA or AP) chest X-ray, and this looks like a lateral or other view: ${why.join("; and ") || "its view check failed"}.`;
   }
   return `Its guard score is ${fmtScore(g.score)}, above the threshold of ${fmtScore(g.threshold)} (higher means less like the training X-rays).`;
 }
