@@ -22,6 +22,11 @@ EXTERNAL ?= $(if $(wildcard $(SHENZHEN)),--external-source '$(SHENZHEN_SET)',)
 # runs on the same store reuse both units at no cost.
 AUDIT ?=
 AUDIT_ARGS := $(if $(and $(AUDIT),$(wildcard $(SHENZHEN))),--lung-masks $(SHENZHEN),)
+ifneq ($(AUDIT),)
+ifeq ($(wildcard $(SHENZHEN)),)
+$(warning AUDIT=1 needs a mask source at $(SHENZHEN): this run has no shortcut audit)
+endif
+endif
 # ImageNet weights: the shared folder where it exists, else Keras' own cache (~/.keras/models).
 export COVID_WEIGHTS_DIR ?= $(if $(wildcard ../shared/weights),$(abspath ../shared/weights),)
 

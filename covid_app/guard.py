@@ -118,8 +118,10 @@ def _features_and_cues(model, paths: list[str]) -> tuple[np.ndarray, dict[str, n
     """Features and view cues of ``paths``, from one decode of each file (the guard's input)."""
     import tensorflow as tf
 
+    if not paths:  # a split without test images (80/20/0): an empty list would be traced as floats
+        return np.zeros((0, int(model.output.shape[-1])), np.float32), V.cue_arrays([])
     ds = (
-        tf.data.Dataset.from_tensor_slices(paths)
+        tf.data.Dataset.from_tensor_slices(tf.constant(paths, tf.string))
         .map(lambda p: decode_resize(p, INPUT_SIZE, 1), num_parallel_calls=tf.data.AUTOTUNE)
         .batch(64)
     )
@@ -128,8 +130,6 @@ def _features_and_cues(model, paths: list[str]) -> tuple[np.ndarray, dict[str, n
         x = batch.numpy()
         feats.append(np.asarray(model.predict_on_batch(x.astype("float32"))))
         cues.extend(V.cues(im) for im in x)
-    if not feats:
-        return np.zeros((0, int(model.output.shape[-1])), np.float32), V.cue_arrays([])
     return np.concatenate(feats), {k: np.array([c[k] for c in cues]) for k in ("asymmetry", "midline")}
 
 
@@ -167,7 +167,8 @@ def ensure_guard(store: Store | str, split_uri: str, split_hash: str) -> dict[st
         val_features, val_cues = _features_and_cues(features, data.files("val")[0])
         val = scores(mean, basis, val_features)
         threshold = float(np.quantile(val, QUANTILE))
-        test_features, test_cues = _features_and_cues(features, data.files("test")[0])
+        test_paths = data.files("test")[0] if data.size("test") else []  # the paper's 80/20 split has none
+        test_features, test_cues = _features_and_cues(features, test_paths)
         test = scores(mean, basis, test_features) if len(test_features) else np.zeros(0)
         trainval_cues = {k: np.concatenate([train_cues[k], val_cues[k]]) for k in train_cues}
         with tempfile.TemporaryDirectory(prefix="guard-") as tmp:

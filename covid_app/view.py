@@ -91,16 +91,23 @@ def cue_arrays(images: Iterable[np.ndarray]) -> dict[str, np.ndarray]:
 
 def fit(trainval: dict[str, np.ndarray]) -> dict[str, float]:
     """Thresholds by the fixed rule: asymmetry's ``QUANTILE`` and midline's ``LOW_QUANTILE`` quantiles."""
+    # Over the finite cues: an all-black image's are infinite, and a threshold must be a number that
+    # app.json can carry (JSON has no Infinity).
+    a, m = (np.asarray(trainval[k], dtype=np.float64) for k in ("asymmetry", "midline"))
+    a, m = a[np.isfinite(a)], m[np.isfinite(m)]
+    if not len(a) or not len(m):
+        raise ValueError("the view check needs X-rays with finite cues to fit its thresholds: none here")
     return {
-        "asymmetry_threshold": float(np.quantile(trainval["asymmetry"], QUANTILE)),
-        "midline_threshold": float(np.quantile(trainval["midline"], LOW_QUANTILE)),
+        "asymmetry_threshold": float(np.quantile(a, QUANTILE)),
+        "midline_threshold": float(np.quantile(m, LOW_QUANTILE)),
     }
 
 
 def flagged(c: dict[str, Any], thresholds: dict[str, Any]) -> np.ndarray | bool:
     """Whether cues (scalars or arrays) are flagged: the page's rule (``view.js::viewFlag``)."""
     a, m = np.asarray(c["asymmetry"]), np.asarray(c["midline"])
-    out = (a > thresholds["asymmetry_threshold"]) | (m < thresholds["midline_threshold"])
+    # As the page: a NaN cue is flagged.
+    out = ~(a <= thresholds["asymmetry_threshold"]) | ~(m >= thresholds["midline_threshold"])
     return bool(out) if out.ndim == 0 else out
 
 

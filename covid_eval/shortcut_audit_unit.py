@@ -25,7 +25,7 @@ import numpy as np
 
 from covid_data.labels import CLASSES
 from covid_data.split import SplitRef
-from covid_data.store import Store, Unit, open_store
+from covid_data.store import Store, Unit, UnitCompleteError, open_store
 from covid_eval.segmenter_unit import MARKER as SEGMENTER_MARKER
 from covid_eval.shortcut_audit import (
     AuditConfig,
@@ -140,7 +140,10 @@ def audit_split(
     extractor = feature_extractor(cfg.size, weights) if weights is not None else None
     res = audit_arrays(images, labels, masks, list(CLASSES), cfg, extractor)
     blacked = res.pop("blacked")
-    unit.put_bytes(EXAMPLES, examples_png(images["test"], blacked, labels["test"], cfg.examples_per_class))
+    try:
+        unit.put_bytes(EXAMPLES, examples_png(images["test"], blacked, labels["test"], cfg.examples_per_class))
+    except UnitCompleteError:  # another attempt (a concurrent run) completed the unit meanwhile: its audit stays
+        return _with_uri(unit, unit.intact_record() or {}, "cached")
     seconds = time.perf_counter() - start
     record = {
         "kind": "shortcut-audit",

@@ -10,6 +10,7 @@ import pytest
 
 from covid_app import bundle, serve
 from covid_data.store import open_store
+from covid_registry.convert import DISCLAIMER
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,3 +73,10 @@ def test_serves_the_newest_complete_run_without_a_champion(tmp_path):
         if complete:
             (tmp_path / "runs" / run / "run.json").write_text("{}")
     assert serve.resolve_run(open_store(str(tmp_path)), None) == "20260102T000000Z-b"
+
+
+def test_the_page_shows_the_pipelines_disclaimer_before_app_json_arrives():
+    """index.html carries the disclaimer from the first paint (no layout shift when app.json sets it): it
+    must be the pipeline's own words, which app.json and the model cards carry."""
+    html = (bundle.app_source() / "index.html").read_text()
+    assert f'<p id="disclaimer" class="disclaimer">{DISCLAIMER}</p>' in html

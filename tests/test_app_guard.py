@@ -140,3 +140,23 @@ def test_missing_weights_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("COVID_WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(G.GuardUnavailableError, match="mobilenet_v2_.*no_top"):
         G.ensure_guard(str(tmp_path / "store"), "unused", "unused")
+
+
+def test_a_split_without_test_images_gets_a_guard(tmp_path, monkeypatch):
+    """The paper's 80/20 split has no test images: the guard is fitted on train and validation and
+    records no test figures (an empty file list must not reach the image decoder)."""
+    require_shared(MOBILENET_WEIGHTS)
+    from covid_data.dataset import fetch_dataset, load_manifest
+    from covid_data.split import SplitConfig, write_split
+    from covid_data.store import open_store
+
+    monkeypatch.setenv("COVID_WEIGHTS_DIR", str(MOBILENET_WEIGHTS.parent))
+    ref = fetch_dataset(
+        str(make_kaggle_folder(tmp_path / "src", n_per_class=10, seed=3, extras=False)), str(tmp_path / "s")
+    )
+    store = open_store(ref.store)
+    split = write_split(store, ref.version, load_manifest(store, ref.version), SplitConfig(0.8, 0.2, 0.0))
+    rec = G.ensure_guard(str(tmp_path / "s"), split.uri, split.split_hash)
+    assert rec["fitted_on"]["test"] == 0 and rec["test_false_alarm"] is None
+    assert rec["fitted_on"]["train"] + rec["fitted_on"]["val"] == 40
+    assert rec["view"]["fitted_on"] == {"trainval": 40, "test": 0} and rec["view"]["test_false_alarm"] is None

@@ -90,6 +90,23 @@ def test_cues_need_the_guard_input_and_an_empty_picture_is_flagged():
     assert V.cues(x) == V.cues(x.astype(np.float32)[..., None])
 
 
+def test_thresholds_ignore_black_pictures_and_a_nan_cue_is_flagged():
+    """An all-black picture's cues are infinite: the thresholds are quantiles of the finite ones (a
+    threshold must be a number app.json can carry), and a NaN cue is flagged as the page flags it."""
+    finite = {"asymmetry": np.linspace(0.1, 0.5, 201), "midline": np.linspace(-0.05, 0.3, 201)}
+    black = {"asymmetry": np.array([np.inf] * 3), "midline": np.array([-np.inf] * 3)}
+    with_black = {k: np.concatenate([finite[k], black[k]]) for k in finite}
+    thr = V.fit(with_black)
+    assert thr == V.fit(finite) and all(np.isfinite(v) for v in thr.values())
+    assert thr["asymmetry_threshold"] == pytest.approx(0.1 + 0.4 * 0.995)  # 0.4 over 200 steps, linear
+    json.dumps(V.record(with_black, finite), allow_nan=False)  # app.json can carry it
+    assert V.flagged({"asymmetry": float("nan"), "midline": 0.1}, thr)
+    assert V.flagged({"asymmetry": 0.2, "midline": float("nan")}, thr)
+    assert not V.flagged({"asymmetry": 0.2, "midline": 0.1}, thr)
+    with pytest.raises(ValueError, match="finite cues"):
+        V.fit(black)
+
+
 # ------------------------------------------------------------------------------------ real images
 def _pipeline(path: Path) -> np.ndarray:
     """The pipeline's grey pixels of a file (what the page decodes to; its parity: test_app_decode)."""

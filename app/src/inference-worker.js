@@ -88,13 +88,19 @@ function download(path, url, label, total) {
 }
 
 async function compile({ key, path, url, label, total, accelerator, wasm }) {
-  const [bytes] = await Promise.all([download(path, url, label, total), ensureLiteRt(wasm)]);
-  const p = loadAndCompile(bytes, { accelerator });
-  models.set(key, p);
-  p.catch(() => models.delete(key));
-  await p;
-  downloads.delete(path); // compiled now: the bytes need not stay in memory
-  return null;
+  try {
+    const [bytes] = await Promise.all([download(path, url, label, total), ensureLiteRt(wasm)]);
+    const p = loadAndCompile(bytes, { accelerator });
+    models.set(key, p);
+    p.catch(() => {
+      if (models.get(key) === p) models.delete(key);
+    });
+    await p;
+    return null;
+  } finally {
+    // Compiled, or failed: either way the bytes need not stay (a retry downloads them again).
+    downloads.delete(path);
+  }
 }
 
 // One model run on a float32 NHWC input: {output, ms}; ms covers the run and reading
@@ -131,6 +137,7 @@ self.onmessage = async (event) => {
     const result = await handlers[type](msg);
     self.postMessage({ id, result }, result && result.output ? [result.output.buffer] : []);
   } catch (e) {
-    self.postMessage({ id, error: String((e && e.message) || e) });
+    const name = e && e.name && e.name !== "Error" ? `${e.name}: ` : "";
+    self.postMessage({ id, error: `${name}${String((e && e.message) || e)}` });
   }
 };

@@ -34,34 +34,47 @@ function inferenceWorker() {
       else p.resolve(result);
     };
     worker.onerror = (event) => {
-      // The worker's script did not load or it died: every request fails with the reason, and the
-      // next one starts a new worker (its compiled models are gone with it).
+      // The worker's script did not load, or an error escaped it (its runtime's state is then unknown):
+      // it is ended, every request fails with the reason, and the next one starts a new worker.
       event.preventDefault();
-      const e = new Error(`the model runner stopped: ${event.message || "inference-worker.js could not be loaded"}`);
-      for (const p of pending.values()) p.reject(e);
-      pending.clear();
-      worker = null;
-      liteRtPromise = null;
-      compiled.clear();
+      resetWorker(`the model runner stopped: ${event.message || "inference-worker.js could not be loaded"}`);
     };
+    worker.onmessageerror = () => resetWorker("the model runner sent a message the page could not read");
   }
   return worker;
+}
+
+function resetWorker(why) {
+  if (worker) worker.terminate(); // its runtime, models and GPU device go with it
+  worker = null;
+  const e = new Error(why);
+  for (const p of pending.values()) p.reject(e);
+  pending.clear();
+  liteRtPromise = null;
+  compiled.clear();
+  runCounts.clear();
 }
 
 function call(type, msg = {}) {
   return new Promise((resolve, reject) => {
     const id = nextId++;
     pending.set(id, { resolve, reject });
-    inferenceWorker().postMessage({ id, type, ...msg });
+    try {
+      inferenceWorker().postMessage({ id, type, ...msg });
+    } catch (e) {
+      pending.delete(id); // no worker here (or the message cannot be sent)
+      reject(e);
+    }
   });
 }
 
 export function ensureLiteRt() {
   if (!liteRtPromise) {
-    liteRtPromise = call("init", { wasm: bundleUrl("./wasm/") }).catch((e) => {
-      liteRtPromise = null;
+    const p = call("init", { wasm: bundleUrl("./wasm/") }).catch((e) => {
+      if (liteRtPromise === p) liteRtPromise = null;
       throw e;
     });
+    liteRtPromise = p;
   }
   return liteRtPromise;
 }
@@ -101,7 +114,9 @@ export function getModel(path, accelerator = "wasm", info = {}) {
     const msg = { key, path, url: bundleUrl(path), label, total, accelerator, wasm: bundleUrl("./wasm/") };
     const p = call("compile", msg).then(() => key);
     compiled.set(key, p);
-    p.catch(() => compiled.delete(key));
+    p.catch(() => {
+      if (compiled.get(key) === p) compiled.delete(key); // not a newer attempt's
+    });
   }
   return compiled.get(key);
 }

@@ -2,6 +2,7 @@
 import { $, el, pct, str, isNum, label, fmtScore } from "../ui/format.js";
 import { renderInline } from "../ui/markdown.js";
 import { state, disclaimer, guardUnavailable } from "../state.js";
+import { viewFlag } from "../view.js";
 
 export function renderAbout() {
   const app = state.app || {};
@@ -81,8 +82,9 @@ export function renderAbout() {
 
 // The view check's part of the guard: its method and thresholds, only the figures the release has.
 function viewAbout(view) {
-  if (!view || typeof view !== "object") {
-    return el("p", { class: "muted", text: "This release's guard has no view check: every picture waits for your confirmation." });
+  // The pick screen's own test (viewFlag): a view entry it cannot use is reported as missing, as it acts.
+  if (viewFlag({ asymmetry: 0, midline: 0 }, view) === null) {
+    return el("p", { class: "muted", text: "This release's guard has no view check this app can use: every picture waits for your confirmation." });
   }
   const rates = [
     isNum(view.trainval_false_alarm) ? `false alarms on training and validation X-rays ${pct(view.trainval_false_alarm)}` : null,
