@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -79,6 +81,18 @@ def shenzhen_few(tmp_path_factory) -> Path:
         shutil.copyfile(SHENZHEN_CXR / finding / m.name, root / finding / m.name)
         shutil.copyfile(m, root / "masks" / m.name)
     return root
+
+
+@contextlib.contextmanager
+def store_writes_logged(base: Path) -> Iterator[Callable[[], list[str]]]:
+    """The store's fault hook set to log every write's key and never to kill: yields a function that
+    returns the keys written so far in the block (for "the marker is written last", "not one write")."""
+    log, counter = base / "writes.log", base / "count"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COVID_FAULT_KILL_AFTER", str(10**9))
+        mp.setenv("COVID_FAULT_COUNTER", str(counter))
+        mp.setenv("COVID_FAULT_LOG", str(log))
+        yield lambda: [line.split("\t")[1] for line in log.read_text().splitlines()] if log.exists() else []
 
 
 def lung_mask_png(path: Path, size: int = 256) -> Path:

@@ -26,7 +26,7 @@ from covid_eval.segmenter_unit import (
     segmenter_unit,
     train_segmenter_unit,
 )
-from tests.conftest import lung_mask_png, make_kaggle_folder
+from tests.conftest import lung_mask_png, make_kaggle_folder, store_writes_logged
 
 TINY = SegmenterConfig(size=32, filters=(4, 8, 16), steps=4, batch_size=4, parity_images=4)
 
@@ -159,15 +159,11 @@ def trained(shenzhen_few, tmp_path_factory):
     unit.put_bytes("model.keras", b"half a zip from a killed attempt")
     # its epoch log (no weights: killed before the first checkpoint), as covid_models.checkpoints writes it
     unit.put_text("backup/segmenter/history.csv", "epoch,seconds,loss,accuracy,val_loss,val_accuracy\n0,1.0,0.9,,,\n")
-    log, counter = base / "writes.log", base / "count"
-    with pytest.MonkeyPatch.context() as mp:  # the store's fault hook logs every write's key (never kills)
-        mp.setenv("COVID_FAULT_KILL_AFTER", str(10**9))
-        mp.setenv("COVID_FAULT_COUNTER", str(counter))
-        mp.setenv("COVID_FAULT_LOG", str(log))
+    with store_writes_logged(base) as written:
         record = train_segmenter_unit(shenzhen_few, store, TINY, cache_dir=base / "cache")
-        writes = [line.split("\t")[1] for line in log.read_text().splitlines()]
+        writes = written()
         again = train_segmenter_unit(shenzhen_few, store, TINY, cache_dir=base / "cache")
-        writes_again = log.read_text().splitlines()[len(writes) :]
+        writes_again = written()[len(writes) :]
     return {"store": store, "unit": unit, "record": record, "again": again, "writes": writes, "again_w": writes_again}
 
 

@@ -35,6 +35,7 @@ from covid_registry.run_folder import report_markdown
 from flows.retrain import retrain
 from flows.retrain_params import DataParams, cli_parameters
 from tasks.audit import audit_data
+from tests.conftest import store_writes_logged
 
 SIZE = 64
 PIXELS = AuditConfig(size=SIZE, features="pixels", pixels=16)
@@ -162,15 +163,11 @@ def audited(small_split, segmenter, tmp_path_factory):
     key = audit_key(ref.split_hash, Path(segmenter).name, PIXELS, None)
     unit = audit_unit(open_store(ref.store), ref.version, ref.split_hash, key)
     unit.put_bytes(EXAMPLES, b"half a PNG from a killed attempt")
-    log, counter = base / "writes.log", base / "count"
-    with pytest.MonkeyPatch.context() as mp:  # the store's fault hook logs every write's key (never kills)
-        mp.setenv("COVID_FAULT_KILL_AFTER", str(10**9))
-        mp.setenv("COVID_FAULT_COUNTER", str(counter))
-        mp.setenv("COVID_FAULT_LOG", str(log))
+    with store_writes_logged(base) as written:
         first = audit_split(small_split, segmenter, PIXELS, cache_dir=base / "cache")
-        writes = [line.split("\t")[1] for line in log.read_text().splitlines()]
+        writes = written()
         again = audit_split(small_split, segmenter, PIXELS, cache_dir=base / "cache")
-        writes_again = log.read_text().splitlines()[len(writes) :]
+        writes_again = written()[len(writes) :]
     return {"unit": unit, "first": first, "again": again, "writes": writes, "again_w": writes_again}
 
 
