@@ -34,7 +34,15 @@ import time
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from benchmarks.common import MOBILENET_V2_WEIGHTS, OUT_DIR, SHARED_SAMPLE, machine_info, machine_line, write_json
+from benchmarks.common import (
+    MOBILENET_V2_WEIGHTS,
+    OUT_DIR,
+    SHARED_SAMPLE,
+    bundle_with_current_page,
+    machine_info,
+    machine_line,
+    write_json,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -232,12 +240,7 @@ def main() -> None:
     ensure_bundle(args.store, run)
     src = Path(args.store) / "runs" / run / "app"
     with tempfile.TemporaryDirectory(prefix="bench-app-") as tmp:
-        app = Path(tmp) / "runs" / run / "app"
-        shutil.copytree(src, app)
-        # The page as it is built now (a stored bundle keeps the page of its day).
-        from covid_app.bundle import ensure_dist
-
-        shutil.copytree(ensure_dist(), app, dirs_exist_ok=True, ignore=shutil.ignore_patterns("sw.js", "*.map"))
+        app = bundle_with_current_page(args.store, run, Path(tmp))
         add_mobilenet_224(app)
         data = json.loads((app / "data/app.json").read_text())
         server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(open_store(tmp), f"runs/{run}/app"))

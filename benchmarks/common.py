@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -120,3 +121,15 @@ def run_training(cmd: list[str], out: Path, log: Path) -> dict[str, Any]:
     doc["history"] = json.loads((out / "history.json").read_text())
     doc["command"] = shell_command(cmd)
     return doc
+
+
+def bundle_with_current_page(store: str, run: str, dest: Path) -> Path:
+    """A copy of ``run``'s app bundle under ``dest/runs/<run>/app`` with the page as it is built now (a stored
+    bundle keeps the page of its day; its service worker and list stay as published): what the browser
+    benchmarks serve. Returns the copy's folder."""
+    from covid_app.bundle import ensure_dist
+
+    app = dest / "runs" / run / "app"
+    shutil.copytree(Path(store) / "runs" / run / "app", app)
+    shutil.copytree(ensure_dist(), app, dirs_exist_ok=True, ignore=shutil.ignore_patterns("sw.js", "*.map"))
+    return app

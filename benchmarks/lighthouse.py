@@ -28,7 +28,7 @@ import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from benchmarks.common import OUT_DIR, REPO, machine_info, machine_line, write_json
+from benchmarks.common import OUT_DIR, REPO, bundle_with_current_page, machine_info, machine_line, write_json
 
 CHROMIUM = "/usr/bin/chromium"
 LIGHTHOUSE_DIR = REPO / "benchmarks" / "lighthouse"
@@ -96,18 +96,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="Lighthouse runs; the median is reported")
     args = ap.parse_args()
 
-    from covid_app.bundle import ensure_dist
     from covid_app.serve import ensure_bundle, handler_for, resolve_run
     from covid_data.store import open_store
 
     run = resolve_run(open_store(args.store), args.run)
     ensure_bundle(args.store, run)
-    src = Path(args.store) / "runs" / run / "app"
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-lighthouse-") as tmp:
-        app = Path(tmp) / "runs" / run / "app"
-        shutil.copytree(src, app)
-        shutil.copytree(ensure_dist(), app, dirs_exist_ok=True, ignore=shutil.ignore_patterns("sw.js", "*.map"))
+        bundle_with_current_page(args.store, run, Path(tmp))
         server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(open_store(tmp), f"runs/{run}/app"))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         url = f"http://127.0.0.1:{server.server_port}/"
