@@ -217,6 +217,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
             channels=cfg.channels,
             weights="none" if scratch_start else cfg.weights,
             trainable="all" if scratch_start else "frozen",
+            head=cfg.head,
         )
     use_features = (
         is_transfer(cfg.model) and not scratch_start and cfg.feature_cache and not cfg.augment and choice.kind != "tpu"
@@ -348,7 +349,7 @@ def _publish(
 def _inference_copy(model, cfg: TrainConfig):
     """The trained weights in a fresh, uncompiled model: a .keras file would otherwise carry
     the optimizer's state (twice the head's size) that no one loading it for inference needs."""
-    fresh = build_model(cfg.model, input_size=cfg.input_size, channels=cfg.channels, weights="none")
+    fresh = build_model(cfg.model, input_size=cfg.input_size, channels=cfg.channels, weights="none", head=cfg.head)
     fresh.set_weights(model.get_weights())
     return fresh
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_models.augment import RECIPES
-from covid_models.builders import MODEL_NAMES, is_transfer
+from covid_models.builders import HEADS, MODEL_NAMES, is_transfer
 from covid_models.data import pipeline_version
 from covid_models.strategy import AUTO, canonical_device, resolve_device
 from covid_models.weights import keras_file_names, resolve_imagenet
@@ -53,6 +53,8 @@ HELP: dict[str, str] = {
     "monitor": "the validation quantity early stopping watches (val_loss or val_accuracy)",
     "weights": "transfer backbones: imagenet (head on the frozen backbone, then optional fine-tuning), scratch "
     "(random initialisation, every layer trained) or a weights file path; none only for custom_cnn",
+    "head": "transfer models: flatten (the paper's flatten, Dense 256, Dense 256) or pooled (global average "
+    "pooling, then the same dense layers: a model a phone downloads in a fraction of the bytes)",
     "fine_tune_layers": "after the head converges, train the top N backbone layers (0: no fine-tuning)",
     "fine_tune_epochs": "epochs of the fine-tuning phase",
     "fine_tune_learning_rate": "learning rate of the fine-tuning phase",
@@ -88,6 +90,7 @@ class TrainConfig:
     # "imagenet" | "scratch" (random initialisation, every layer trained) | a weights file;
     # "none" only for the custom CNN, which has no backbone
     weights: str = "imagenet"
+    head: str = "flatten"  # covid_models.builders.HEADS; transfer models only
     fine_tune_layers: int = 0  # after the head converges, train the top N backbone layers ...
     fine_tune_epochs: int = 0  # ... for this many epochs ...
     fine_tune_learning_rate: float = 1e-5  # ... at this rate
@@ -109,6 +112,10 @@ class TrainConfig:
             raise ValueError(f"unknown augment_recipe {self.augment_recipe!r}; choose from {RECIPES}")
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODEL_NAMES)}")
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
+        if not is_transfer(self.model) and self.head != "flatten":
+            raise ValueError(f"head={self.head!r}: {self.model} is the paper's own network, its head is not an option")
         if is_transfer(self.model) and self.weights == "none":
             # A head on a frozen random backbone learns next to nothing, and would be published as "vgg16".
             raise ValueError(
