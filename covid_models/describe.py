@@ -27,7 +27,7 @@ def describe_weights(model: str, config: dict[str, Any], weights: dict[str, Any]
         start = f"weights from `{w.get('file')}`" + (f" (sha256 {w['sha256'][:12]})" if w.get("sha256") else "")
     ft = int(config.get("fine_tune_layers") or 0) if config.get("fine_tune_epochs") else 0
     head = "pooled head" if config.get("head") == "pooled" else "head"
-    trained = (
-        f"backbone frozen, {head} trained" if ft == 0 else f"{head} trained, then the top {ft} backbone layers fine-tuned"
-    )
+    trained = f"backbone frozen, {head} trained"
+    if ft:
+        trained = f"{head} trained, then the top {ft} backbone layers fine-tuned"
     return f"{start}; {trained}"
