@@ -68,6 +68,20 @@ PRESETS: dict[str, tuple[str, list[str]]] = {
             *("--fine-tune-layers", "1000", "--fine-tune-epochs", "8", "--fine-tune-learning-rate", "1e-5"),
         ],
     ),
+    # The cpu preset's recipe (the one above with the acquisition augmentation while fine-tuning), with the
+    # paper's flatten head and with the pooled head (issue 17: the phone's download; BENCHMARKS.md has the rule).
+    **{
+        f"mnv2-cpu-{head}": (
+            "mobilenet_v2",
+            [
+                *_MNV2,
+                *("--epochs", "3", "--learning-rate", "1e-4", "--patience", "3"),
+                *("--fine-tune-layers", "1000", "--fine-tune-epochs", "8", "--fine-tune-learning-rate", "1e-5"),
+                *("--fine-tune-augment", "--augment-recipe", "acquisition", "--head", head),
+            ],
+        )
+        for head in ("flatten", "pooled")
+    },
     "custom-cnn-160": (
         "custom_cnn",
         ["--input-size", "160", "--epochs", "30", "--learning-rate", "1e-3", "--patience", "6"],

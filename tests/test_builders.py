@@ -93,6 +93,36 @@ def test_transfer_head_is_the_papers():
     ]
 
 
+def test_the_pooled_head_keeps_the_dense_layers_on_pooled_features():
+    flat = build_model("mobilenet_v2", input_size=224, weights="none")
+    pooled = build_model("mobilenet_v2", input_size=224, weights="none", head="pooled")
+    head = pooled.get_layer("head")
+    assert [(type(layer).__name__, getattr(layer, "units", None)) for layer in head.layers] == [
+        ("GlobalAveragePooling2D", None),
+        ("Dense", 256),
+        ("Dense", 256),
+        ("Dense", 4),
+    ]
+    backbone = pooled.get_layer("backbone").count_params()
+    assert backbone == flat.get_layer("backbone").count_params()
+    # The phone's download: 1280 pooled inputs to Dense 256 against 7x7x1280 flattened ones.
+    assert head.count_params() == 1280 * 256 + 256 + 256 * 256 + 256 + 256 * 4 + 4
+    assert flat.get_layer("head").count_params() == 7 * 7 * 1280 * 256 + 256 + 256 * 256 + 256 + 256 * 4 + 4
+
+
+def test_a_head_that_is_not_an_option_is_refused():
+    from covid_models.train_config import TrainConfig
+
+    with pytest.raises(ValueError, match="unknown head 'gap'"):
+        build_model("vgg16", input_size=48, weights="none", head="gap")
+    with pytest.raises(ValueError, match="the paper's own network"):
+        build_model("custom_cnn", input_size=48, head="pooled")
+    with pytest.raises(ValueError, match="the paper's own network"):
+        TrainConfig(model="custom_cnn", split="s", out="o", head="pooled")
+    with pytest.raises(ValueError, match="unknown head"):
+        TrainConfig(model="mobilenet_v2", split="s", out="o", head="Pooled")
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_in_graph_preprocessing_matches_the_application(name, channels):

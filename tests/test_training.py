@@ -126,6 +126,36 @@ def test_artefacts_and_no_second_training(trained_mobilenet, caplog):
     assert (out / "model.keras").stat().st_mtime_ns == before
 
 
+def test_a_pooled_head_trains_on_the_same_cached_features_in_a_fraction_of_the_bytes(trained_mobilenet, tmp_path):
+    from dataclasses import replace
+
+    from covid_models.data import image_dataset, load_split_data
+    from covid_models.train_config import slot_key
+
+    cfg, flat = trained_mobilenet
+    pooled_cfg = replace(cfg, head="pooled", out=str(tmp_path / "pooled"))
+    assert slot_key(pooled_cfg) != slot_key(cfg)  # a different model, never the flatten head's slot
+    features = sorted((Path(cfg.cache_dir) / "features").glob("*/train.npy"))
+    pooled = train_model(pooled_cfg)
+    # The head reads the backbone's cached features: the same files, none extracted again.
+    assert sorted((Path(cfg.cache_dir) / "features").glob("*/train.npy")) == features
+    model = load_trained_model(f"{pooled_cfg.out}/model.keras")
+    head = model.get_layer("head")
+    assert [type(layer).__name__ for layer in head.layers] == ["GlobalAveragePooling2D", "Dense", "Dense", "Dense"]
+    stored = json.loads((Path(pooled_cfg.out) / "metrics.json").read_text())
+    data = load_split_data(cfg.split)
+    probs = model.predict(image_dataset(data, "val", size=96), verbose=0)
+    assert (
+        classification_metrics(probs, data.files("val")[1])["confusion_matrix"]
+        == (stored["metrics"]["val"]["confusion_matrix"])
+    )
+    # 96 px: a 3x3x1280 feature map, so the flatten head's first layer holds 8 x 1280 x 256 more float32
+    # weights than the pooled head's (10.5 MB), and nothing else differs.
+    saved = flat.file_bytes - pooled.file_bytes
+    assert 0.95 * 8 * 1280 * 256 * 4 < saved < 1.05 * 8 * 1280 * 256 * 4
+    assert pooled.test_accuracy > 0.4  # ImageNet features beat chance (0.25) with either head
+
+
 def _train_cmd(split: str, out: Path, cache: Path, epochs: int) -> list[str]:
     return [
         sys.executable,
