@@ -206,6 +206,23 @@ def test_model_page_shows_its_metrics(page, published):
     assert "COVID false alarms on shenzhen-subset" in page.text_content("#model-list")
 
 
+def test_the_gpu_is_offered_only_where_the_models_worker_has_it(page, published):
+    page.wait_for_selector("#webgpu-toggle[data-webgpu]", state="attached", timeout=30_000)
+    # What a worker of this page gets, asked directly: the toggle must follow it, not the page's navigator.gpu
+    # (headless Chromium exposes navigator.gpu with no adapter behind it).
+    in_worker = page.evaluate(
+        """() => new Promise((resolve, reject) => {
+            const w = new Worker("./inference-worker.js");
+            w.onmessage = (e) => { w.terminate(); e.data.error ? reject(e.data.error) : resolve(e.data.result); };
+            w.postMessage({ id: 1, type: "webgpu" });
+        })"""
+    )
+    assert isinstance(in_worker, bool)
+    state = page.get_attribute("#webgpu-toggle", "data-webgpu")
+    assert state == ("available" if in_worker else "unavailable")
+    assert page.is_hidden("#webgpu-toggle") is (not in_worker)
+
+
 def test_heatmap_matches_python_occlusion(page, published):
     m = published["data"]["models"][0]
     image = _test_xrays(published, 1)[0]

@@ -7,6 +7,7 @@
 // Messages in: {id, type: "init", wasm}
 //              | {id, type: "compile", key, path, url, label, total, accelerator, wasm}
 //              | {id, type: "run", key, input, shape}
+//              | {id, type: "webgpu"} (result: whether a WebGPU adapter exists in this worker)
 // Messages out: {id, result} or {id, error} (a message string), and
 //               {progress: {path, label, loaded, total, done, error?}} while a file downloads.
 import { loadLiteRt, loadAndCompile, Tensor } from "@litertjs/core";
@@ -128,7 +129,17 @@ async function run({ key, input, shape }) {
   }
 }
 
-const handlers = { init: ({ wasm }) => ensureLiteRt(wasm).then(() => null), compile, run };
+/** Whether a model could run on the GPU here, in the worker (its navigator, not the page's). */
+async function webgpu() {
+  if (!self.navigator || !self.navigator.gpu) return false;
+  try {
+    return !!(await self.navigator.gpu.requestAdapter());
+  } catch (e) {
+    return false;
+  }
+}
+
+const handlers = { init: ({ wasm }) => ensureLiteRt(wasm).then(() => null), compile, run, webgpu };
 
 self.onmessage = async (event) => {
   const { id, type, ...msg } = event.data || {};

@@ -79,8 +79,9 @@ export function ensureLiteRt() {
   return liteRtPromise;
 }
 
+/** Resolves true when the worker that runs the models gets a WebGPU adapter; false otherwise, never rejects. */
 export function webGpuAvailable() {
-  return typeof navigator !== "undefined" && !!navigator.gpu;
+  return call("webgpu").then(Boolean, () => false);
 }
 
 const downloadListeners = new Set();

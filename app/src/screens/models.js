@@ -68,21 +68,18 @@ async function selectModel(name) {
 }
 
 export function wireModels() {
-  if (webGpuAvailable()) {
-    // Offer the GPU only when an adapter really exists (headless browsers expose
-    // navigator.gpu without one). WASM stays the default: its results are exact.
-    navigator.gpu
-      .requestAdapter()
-      .then((a) => {
-        if (a) $("webgpu-toggle").hidden = false;
-      })
-      .catch(() => {});
-    $("use-webgpu").addEventListener(
-      "change",
-      safe(async (ev) => {
-        state.accelerator = ev.target.checked ? "webgpu" : "wasm";
-        if (state.pick && state.pick.allowed) await predict();
-      }),
-    );
-  }
+  $("use-webgpu").addEventListener(
+    "change",
+    safe(async (ev) => {
+      state.accelerator = ev.target.checked ? "webgpu" : "wasm";
+      if (state.pick && state.pick.allowed) await predict();
+    }),
+  );
+  // Offer the GPU only when the worker, where the models run, gets a WebGPU adapter (headless browsers
+  // expose navigator.gpu without one; a page can have WebGPU where its workers do not). WASM stays the
+  // default: its results are exact.
+  webGpuAvailable().then((ok) => {
+    $("webgpu-toggle").dataset.webgpu = ok ? "available" : "unavailable";
+    if (ok) $("webgpu-toggle").hidden = false;
+  });
 }
