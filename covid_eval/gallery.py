@@ -2,7 +2,8 @@
 
 :func:`explain_model` takes a fixed, seeded choice of test images per class (the same for every
 model of a split), computes their Grad-CAM maps and the shortcut score (:mod:`covid_eval.gradcam`,
-over the dataset's lung masks where the source has them, else the border band), and draws a
+over the dataset's lung masks where the source has them, else the lung segmenter's masks where the run
+has one, else the border band), and draws a
 gallery of right and wrong predictions per class as PNG overlays. :func:`write_index` stores the
 record beside them (``gradcam.json``); :func:`card_lines` is a model card's section from it;
 :func:`small_png` and :func:`contact_sheet` make the report's inline (``data:`` URI) pictures.
@@ -69,6 +70,20 @@ def load_masks(files: list[str | None], size: int) -> np.ndarray | None:
         with Image.open(f) as im:
             out.append(np.asarray(im.convert("L").resize((size, size), Image.NEAREST)) > 127)
     return np.stack(out)
+
+
+def segmenter_masks(segmenter_uri: str, images: np.ndarray, cache_dir: Path | None = None) -> np.ndarray:
+    """The lung segmenter unit's masks (True on the lungs) of ``images`` (uint8 ``[N, H, W, C]``, the model's
+    input), at their size: where a dataset ships no masks, the shortcut score still measures "outside the lungs"."""
+    import os
+
+    from covid_eval.shortcut_audit import segment
+    from covid_eval.shortcut_audit_unit import load_segmenter
+
+    cache = Path(cache_dir or os.environ.get("COVID_CACHE_DIR", Path.home() / ".cache" / "covid-xray"))
+    model, _, _ = load_segmenter(segmenter_uri, cache)
+    grey = images[..., 0] if images.shape[-1] == 1 else np.rint(images.astype("float32").mean(axis=-1))
+    return segment(model, grey.astype("uint8"))
 
 
 def _mask_files(split_uri: str, data, rows) -> list[str | None]:
@@ -142,8 +157,12 @@ def explain_model(
     pool_per_class: int = 32,
     max_per_class: int | None = None,
     border: float = BORDER,
+    segmenter_uri: str | None = None,
 ) -> dict[str, Any]:
     """Grad-CAM of one stored model: the gallery PNGs in ``out_dir`` and the shortcut score.
+
+    The score is over the dataset's lung masks where every pooled image has one, else over the masks
+    of the segmenter unit at ``segmenter_uri`` where given, else over the border band.
 
     The images are a fixed, seeded choice of ``pool_per_class`` test images per class (the same
     for every model of a split); the shortcut score is over all of them, and the gallery shows,
@@ -160,7 +179,10 @@ def explain_model(
     images = load_images(paths, size, channels)
     heat, probs = gradcam_with_probs(model, images)
     masks = load_masks(_mask_files(split_uri, data, rows), size) if len(rows) else None
-    method = method_name(masks is not None, border)
+    from_segmenter = masks is None and segmenter_uri is not None and len(rows) > 0
+    if from_segmenter:
+        masks = segmenter_masks(segmenter_uri, images)
+    method = method_name(masks is not None, border, segmenter=from_segmenter)
     score = shortcut_score(heat, masks, border) if len(rows) else float("nan")
     baseline = shortcut_baseline((size, size), masks, border)
     pred = probs.argmax(axis=1)

@@ -13,7 +13,8 @@ layer by layer, with the nested model split into ``input -> [last conv, output]`
 the activation.
 
 The **shortcut score** (:func:`shortcut_score`) is the share of the Grad-CAM mass that lies
-outside the lungs: outside the dataset's lung masks where the source has them, else in the outer
+outside the lungs: outside the dataset's lung masks where the source has them (else the run's lung
+segmenter's masks, where it has one), else in the outer
 border band of the image (10% of each side), where text markers, hospital labels and collimation
 edges sit. A model that reads the lungs scores low; one that looks at markers and edges scores
 high. A map spread evenly over the image scores the band's (or the non-lung) area share, the
@@ -273,18 +274,25 @@ def shortcut_baseline(shape: tuple[int, int], masks=None, border: float = BORDER
     )
 
 
-def method_name(masks_used: bool, border: float = BORDER) -> str:
-    return "lung masks" if masks_used else f"border band {round(border * 100)}%"
+SEGMENTER_MASKS = "segmenter lung masks"  # the run's lung segmenter's masks, where the dataset has none
+
+
+def method_name(masks_used: bool, border: float = BORDER, segmenter: bool = False) -> str:
+    if not masks_used:
+        return f"border band {round(border * 100)}%"
+    return SEGMENTER_MASKS if segmenter else "lung masks"
+
+
+def uses_masks(method: str) -> bool:
+    return method in ("lung masks", SEGMENTER_MASKS)
 
 
 def shortcut_meaning(score: float | None, baseline: float | None, method: str) -> str:
     """One sentence that makes the number read."""
-    where = "outside the lung masks" if method == "lung masks" else "in the image's outer border band"
-    what = (
-        "outside the lungs"
-        if method == "lung masks"
-        else "on the borders, where text markers and collimation edges sit"
-    )
+    where = "in the image's outer border band"
+    if uses_masks(method):
+        where = "outside the lung segmenter's masks" if method == SEGMENTER_MASKS else "outside the lung masks"
+    what = "outside the lungs" if uses_masks(method) else "on the borders, where text markers and collimation edges sit"
     if score is None or baseline is None or not np.isfinite(score):
         return f"Shortcut score: not computed. It is the share of the Grad-CAM heat {where}."
     verdict = (

@@ -216,7 +216,8 @@ def shortcut_table(explain: list[dict[str, Any]] | None) -> list[str]:
     lines = [
         "",
         "**Where the models look** (Grad-CAM shortcut score: the share of the heat outside the lungs, from "
-        "the lung masks where the dataset has them, else in the outer 10% border band where text markers and "
+        "the lung masks where the dataset has them, else the run's lung segmenter's masks where it has one, else "
+        "in the outer 10% border band where text markers and "
         "collimation edges sit; lower is better, and a map spread evenly over the image scores the baseline):",
         "",
         "| model | shortcut score | uniform-map baseline | method | images |",

@@ -123,7 +123,9 @@ def retrain(
         clock.lap("bless")
         exports = export_models(top, split, publishing.int8_for(p), p.max_per_class)
         clock.lap("export")
-        explain = explain_models(store, run, split, top, max_per_class=p.max_per_class)
+        # Where the dataset ships no lung masks, the audit's segmenter outlines the lungs for the shortcut score.
+        lungs = ((audit or {}).get("segmenter") or {}).get("uri")
+        explain = explain_models(store, run, split, top, max_per_class=p.max_per_class, segmenter_uri=lungs)
         board = with_columns(board, shortcut_columns(explain))
         clock.lap("explain")
         published = publish_run(store, run, dataset, board, records, exports, blessing, explain, externals=externals)

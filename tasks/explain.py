@@ -53,11 +53,16 @@ def explain_models(
     pool_per_class: int = 32,
     max_per_class: int | None = None,
     border: float = BORDER,
+    segmenter_uri: str | None = None,
 ) -> list[dict[str, Any]]:
     """Per top model (records with ``model`` and ``out``, its slot URI): the Grad-CAM gallery
     into the run folder and the shortcut score.
 
-    Returns ``{model, shortcut_score, baseline, method ("lung masks" | "border band 10%"), n,
+    The shortcut score is over the dataset's lung masks, else over the masks of the lung segmenter unit at
+    ``segmenter_uri`` (the run's, with ``data.lung_masks``), else over the border band.
+
+    Returns ``{model, shortcut_score, baseline, method ("lung masks" | "segmenter lung masks" | "border band
+    10%"), n,
     layer, images: [paths relative to the run folder], gallery: [per-image records]}`` per
     model; a model whose explanation fails gets ``{model, error}`` and the others go on (an
     explanation never fails the run).
@@ -80,6 +85,7 @@ def explain_models(
                     pool_per_class=pool_per_class,
                     max_per_class=max_per_class,
                     border=border,
+                    segmenter_uri=segmenter_uri,
                 )
                 write_index(Path(tmp), res)
                 for f in sorted(Path(tmp).iterdir()):

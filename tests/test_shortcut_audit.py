@@ -263,3 +263,27 @@ def test_the_flow_stage_audits_and_a_failure_is_recorded_not_raised(
     bad = stage(str(shenzhen_few), {**PIXELS.to_dict(), "margin": 0.7})
     assert bad["status"] == "failed" and "margin is a share of the image side" in bad["reason"]
     assert "not computed: the shortcut audit failed" in report_lines(bad)[-1]
+
+
+def test_the_shortcut_score_uses_the_segmenters_masks_where_the_dataset_has_none(small_split, segmenter, tmp_path):
+    from covid_data.labels import CLASSES
+    from covid_eval.gallery import _pool, explain_model, load_images, segmenter_masks
+    from covid_eval.gradcam import shortcut_baseline
+    from covid_models.data import load_split_data
+    from tests.test_gradcam import _model_slot
+
+    uri = _model_slot(tmp_path, size=64)
+    banded = explain_model(uri, small_split, tmp_path / "band", pool_per_class=3)
+    outlined = explain_model(uri, small_split, tmp_path / "lungs", pool_per_class=3, segmenter_uri=segmenter)
+    assert banded["method"] == "border band 10%"  # the shared sample ships no lung masks
+    assert outlined["method"] == "segmenter lung masks"
+    # The same pooled test images, outlined by the segmenter: the uniform map's score is their area outside.
+    data = load_split_data(small_split)
+    rows = _pool(data, "test", list(CLASSES), 3, 0)
+    images = load_images([str(data.root / p) for p in rows["path"]], 64, 1)
+    masks = segmenter_masks(segmenter, images)
+    assert masks.shape == (len(rows), 64, 64) and masks.dtype == bool
+    assert outlined["baseline"] == pytest.approx(shortcut_baseline((64, 64), masks), abs=5e-4)
+    assert outlined["n"] == banded["n"] == len(rows)
+    assert 0.05 < masks.mean() < 0.95, masks.mean()  # even this tiny segmenter outlines something ...
+    assert outlined["baseline"] != pytest.approx(banded["baseline"], abs=1e-3)  # ... which the band is not

@@ -87,8 +87,12 @@ function figure(src, caption, resolve) {
 // shortcut score, the share of the Grad-CAM heat outside the lungs (lung masks) or in the border band.
 function shortcutParts(sc) {
   if (!sc || typeof sc !== "object" || !isNum(sc.score)) return null;
-  const masks = sc.method === "lung masks";
-  const where = masks ? "outside the lung masks" : "in the outer border band of the image, where text markers and collimation edges sit";
+  const where =
+    sc.method === "lung masks"
+      ? "outside the lung masks"
+      : sc.method === "segmenter lung masks"
+        ? "outside the lungs as the run's lung segmenter outlines them"
+        : "in the outer border band of the image, where text markers and collimation edges sit";
   const base = isNum(sc.baseline) ? sc.baseline : null;
   const verdict =
     base === null
