@@ -32,6 +32,7 @@ A *negative* set (X-rays known not to be COVID, in finding folders) is scored by
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -77,7 +78,7 @@ class ModelRef:
 
     reference: str  # what the caller asked for
     uri: str  # the slot
-    key: str  # <split hash>/<slot name>
+    key: str  # <split hash>/<slot name>-<digest of its metrics.json>
     model: str
     run_id: str | None
     config: dict[str, Any]
@@ -138,10 +139,13 @@ def model_ref(uri: str, what: str | None = None) -> ModelRef:
         split_hash = SplitRef.locate(cfg["split"])[2]
     except ValueError:
         split_hash = "nosplit"
+    # The slot's name, and its marker's digest: two slots of the same name (".../model" folders a user
+    # trained by hand) are different models, and never share an evaluation.
+    marker = hashlib.sha256(slot.read_bytes("metrics.json")).hexdigest()[:12]
     return ModelRef(
         reference=what,
         uri=slot.uri,
-        key=f"{split_hash}/{slot.uri.rstrip('/').rsplit('/', 1)[-1]}",
+        key=f"{split_hash}/{slot.uri.rstrip('/').rsplit('/', 1)[-1]}-{marker}",
         model=str(cfg.get("model") or doc.get("result", {}).get("model")),
         run_id=None,
         config=cfg,

@@ -3,6 +3,7 @@ tiny trained model: renamed class folders, a missing class, copies of training i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -98,9 +99,10 @@ def test_renamed_class_folders_are_scored_once_and_reused(trained, tmp_path):
     assert out["model_uri"] == trained["slot"] and rec["model"]["model"] == "custom_cnn"
     assert rec["model"]["input_size"] == 32 and rec["model"]["trained"] == "trained from scratch (all layers)"
     split_hash = trained["split"].split_hash
-    assert out["model_key"] == f"{split_hash}/custom_cnn-test"
+    marker = hashlib.sha256((Path(trained["slot"]) / "metrics.json").read_bytes()).hexdigest()[:12]
+    assert out["model_key"] == f"{split_hash}/custom_cnn-test-{marker}"  # the slot's name and its marker's digest
     assert out["uri"] == open_store(trained["store"]).uri_for(
-        f"evaluations/{split_hash}/custom_cnn-test/{out['dataset_version']}"
+        f"evaluations/{split_hash}/custom_cnn-test-{marker}/{out['dataset_version']}"
     )
     m = rec["metrics"]
     assert 0 <= m["accuracy"] <= 1 and len(m["accuracy_ci95"]) == 2 and len(m["macro_f1_ci95"]) == 2

@@ -176,6 +176,25 @@ def test_a_negative_set_is_scored_in_every_finding_folder(threshold_model, tmp_p
     assert evaluate_negative(threshold_model["slot"], str(src), threshold_model["store"])["uri"] == out["uri"]
 
 
+def test_two_slots_of_the_same_name_are_two_models_with_two_evaluations(threshold_model, tmp_path):
+    """A hand-trained slot is often just ".../model": the evaluation of one is never reused for another."""
+    import keras
+
+    src = negative_folder(tmp_path / "pre-pandemic", {"Normal": [BRIGHT, DARK, DARK]})
+    first = evaluate_negative(threshold_model["slot"], str(src), threshold_model["store"])
+    other = tmp_path / "elsewhere" / "threshold-test"  # the same folder name, another model
+    other.mkdir(parents=True)
+    model = keras.saving.load_model(Path(threshold_model["slot"]) / "model.keras")
+    w, b = model.get_layer("calls").get_weights()
+    model.get_layer("calls").set_weights([-w, np.array([32.0, -50.0, 0.0, -50.0])])  # COVID iff mean < 128
+    model.save(other / "model.keras")
+    doc = json.loads((Path(threshold_model["slot"]) / "metrics.json").read_text())
+    (other / "metrics.json").write_text(json.dumps({**doc, "note": "another training"}))
+    second = evaluate_negative(str(other), str(src), threshold_model["store"])
+    assert second["uri"] != first["uri"]
+    assert (first["covid_predicted"], second["covid_predicted"]) == (1, 2)  # each model's own calls
+
+
 def test_the_evaluate_flow_and_the_retrain_task_score_a_negative_set(prefect_server, threshold_model, tmp_path):
     """Prefect's tasks (build-manifest … write-evaluation) carry the finding folders through."""
     from flows.evaluate import evaluate
