@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,9 @@ GALLERY_PX = 256  # overlays are at most this many pixels on a side
 
 # --------------------------------------------------------------------------------------------
 # Choosing and loading the images
+
+
+log = logging.getLogger(__name__)
 
 
 def _order_key(seed: int, sha: str) -> str:
@@ -77,13 +81,15 @@ def segmenter_masks(segmenter_uri: str, images: np.ndarray, cache_dir: Path | No
     input), at their size: where a dataset ships no masks, the shortcut score still measures "outside the lungs"."""
     import os
 
-    from covid_eval.shortcut_audit import segment
+    from covid_eval.shortcut_audit import cover, segment
     from covid_eval.shortcut_audit_unit import load_segmenter
 
     cache = Path(cache_dir or os.environ.get("COVID_CACHE_DIR", Path.home() / ".cache" / "covid-xray"))
     model, _, _ = load_segmenter(segmenter_uri, cache)
     grey = images[..., 0] if images.shape[-1] == 1 else np.rint(images.astype("float32").mean(axis=-1))
-    return segment(model, grey.astype("uint8"))
+    # The hull of both lungs, as the audit covers them: the segmenter misses white, consolidated lobes, and
+    # heat on disease inside the lungs is not a shortcut.
+    return cover(segment(model, grey.astype("uint8")), margin=0.0)
 
 
 def _mask_files(split_uri: str, data, rows) -> list[str | None]:
@@ -181,7 +187,11 @@ def explain_model(
     masks = load_masks(_mask_files(split_uri, data, rows), size) if len(rows) else None
     from_segmenter = masks is None and segmenter_uri is not None and len(rows) > 0
     if from_segmenter:
-        masks = segmenter_masks(segmenter_uri, images)
+        try:
+            masks = segmenter_masks(segmenter_uri, images)
+        except Exception as e:  # an explanation never fails for want of an outline: the border band instead
+            log.warning("lung segmenter %s could not outline the images (%s): border band instead", segmenter_uri, e)
+            masks, from_segmenter = None, False
     method = method_name(masks is not None, border, segmenter=from_segmenter)
     score = shortcut_score(heat, masks, border) if len(rows) else float("nan")
     baseline = shortcut_baseline((size, size), masks, border)

@@ -20,7 +20,8 @@ def describe_weights(model: str, config: dict[str, Any], weights: dict[str, Any]
             f" (sha256 {w['sha256'][:12]})" if w.get("sha256") not in (None, "download") else ""
         )
     elif w.get("kind") == "scratch" or config.get("weights") == "scratch":
-        return "trained from scratch: random initialisation, every layer trained"
+        pooled = " (pooled head)" if config.get("head") == "pooled" else ""
+        return f"trained from scratch: random initialisation, every layer trained{pooled}"
     elif w.get("kind") in ("none", None) or config.get("weights") == "none":
         start = "random initialisation"
     else:

@@ -124,7 +124,7 @@ def retrain(
         exports = export_models(top, split, publishing.int8_for(p), p.max_per_class)
         clock.lap("export")
         # Where the dataset ships no lung masks, the audit's segmenter outlines the lungs for the shortcut score.
-        lungs = ((audit or {}).get("segmenter") or {}).get("uri")
+        lungs = (audit or {}).get("segmenter_uri")
         explain = explain_models(store, run, split, top, max_per_class=p.max_per_class, segmenter_uri=lungs)
         board = with_columns(board, shortcut_columns(explain))
         clock.lap("explain")

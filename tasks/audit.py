@@ -53,13 +53,16 @@ def audit_data(
     max_per_class: int | None = None,
 ) -> dict[str, Any] | None:
     """The retrain flow's audit stage (``data.lung_masks``): None when no mask source is named; else
-    the audit's record, or ``{"status": "failed", "reason"}`` when the segmenter or the audit failed."""
+    the audit's record, or ``{"status": "failed", "reason"}`` when the segmenter or the audit failed; with
+    ``segmenter_uri``, the segmenter unit as this store names it now (for the Grad-CAM shortcut score), whenever
+    the segmenter is complete."""
     if not masks:
         return None
     seg = train_segmenter(masks, store, segmenter, return_state=True)
     if not seg.is_completed():
         return {"status": "failed", "reason": f"the lung segmenter on {masks} failed: {seg.message}"}
-    state = shortcut_audit(split_uri, seg.result()["uri"], audit, max_per_class, return_state=True)
+    lungs = seg.result()["uri"]
+    state = shortcut_audit(split_uri, lungs, audit, max_per_class, return_state=True)
     if not state.is_completed():
-        return {"status": "failed", "reason": f"the shortcut audit failed: {state.message}"}
-    return state.result()
+        return {"status": "failed", "reason": f"the shortcut audit failed: {state.message}", "segmenter_uri": lungs}
+    return {**state.result(), "segmenter_uri": lungs}

@@ -258,10 +258,11 @@ def test_the_flow_stage_audits_and_a_failure_is_recorded_not_raised(
     assert stage(None, PIXELS.to_dict()) is None
     wider = {**PIXELS.to_dict(), "margin": 0.08}  # a recipe of its own: computed here, not found complete
     rec = stage(str(shenzhen_few), wider)
-    assert rec["status"] == "computed" and rec["segmenter"]["uri"] == segmenter
+    assert rec["status"] == "computed" and rec["segmenter"]["uri"] == segmenter == rec["segmenter_uri"]
     assert rec["config"]["margin"] == 0.08 and rec["masked"]["n"] == 12 and rec["meaning"]
     bad = stage(str(shenzhen_few), {**PIXELS.to_dict(), "margin": 0.7})
     assert bad["status"] == "failed" and "margin is a share of the image side" in bad["reason"]
+    assert bad["segmenter_uri"] == segmenter  # the Grad-CAM shortcut score still gets its outline
     assert "not computed: the shortcut audit failed" in report_lines(bad)[-1]
 
 
@@ -287,3 +288,6 @@ def test_the_shortcut_score_uses_the_segmenters_masks_where_the_dataset_has_none
     assert outlined["n"] == banded["n"] == len(rows)
     assert 0.05 < masks.mean() < 0.95, masks.mean()  # even this tiny segmenter outlines something ...
     assert outlined["baseline"] != pytest.approx(banded["baseline"], abs=1e-3)  # ... which the band is not
+    # A segmenter that cannot run (moved, half-written) costs the outline, never the explanation.
+    gone = explain_model(uri, small_split, tmp_path / "gone", pool_per_class=3, segmenter_uri=str(tmp_path / "nope"))
+    assert gone["method"] == "border band 10%" and gone["baseline"] == banded["baseline"]

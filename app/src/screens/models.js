@@ -78,8 +78,12 @@ export function wireModels() {
   // Offer the GPU only when the worker, where the models run, gets a WebGPU adapter (headless browsers
   // expose navigator.gpu without one; a page can have WebGPU where its workers do not). WASM stays the
   // default: its results are exact.
-  webGpuAvailable().then((ok) => {
-    $("webgpu-toggle").dataset.webgpu = ok ? "available" : "unavailable";
-    if (ok) $("webgpu-toggle").hidden = false;
-  });
+  // Asked once the page is idle: the worker (and, with WebGPU, the GPU process) never delays the first paint.
+  const ask = () =>
+    webGpuAvailable().then((ok) => {
+      $("webgpu-toggle").dataset.webgpu = ok ? "available" : "unavailable";
+      if (ok) $("webgpu-toggle").hidden = false;
+    });
+  if (window.requestIdleCallback) window.requestIdleCallback(ask, { timeout: 3000 });
+  else setTimeout(ask, 500);
 }
