@@ -139,9 +139,12 @@ def model_ref(uri: str, what: str | None = None) -> ModelRef:
         split_hash = SplitRef.locate(cfg["split"])[2]
     except ValueError:
         split_hash = "nosplit"
-    # The slot's name, and its marker's digest: two slots of the same name (".../model" folders a user
-    # trained by hand) are different models, and never share an evaluation.
-    marker = hashlib.sha256(slot.read_bytes("metrics.json")).hexdigest()[:12]
+    # The slot's name, and a digest of the model's own figures and settings (not its timings or paths): two
+    # slots of one name (".../model" folders a user trained by hand) are different models and never share an
+    # evaluation, while one model stored twice, trained deterministically, gets the same key.
+    where = ("out", "split", "cache_dir", "verbose")
+    identity = {"metrics": doc.get("metrics"), "config": {k: v for k, v in cfg.items() if k not in where}}
+    marker = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return ModelRef(
         reference=what,
         uri=slot.uri,

@@ -33,6 +33,8 @@ from covid_eval.gradcam import (
     shortcut_meaning,
     shortcut_score,
 )
+from covid_eval.shortcut_audit import cover, segment
+from covid_eval.shortcut_audit_unit import load_segmenter
 from covid_models.data import decode_resize, load_split_data
 from covid_models.stored import StoredModel
 
@@ -80,9 +82,6 @@ def segmenter_masks(segmenter_uri: str, images: np.ndarray, cache_dir: Path | No
     """The lung segmenter unit's masks (True on the lungs) of ``images`` (uint8 ``[N, H, W, C]``, the model's
     input), at their size: where a dataset ships no masks, the shortcut score still measures "outside the lungs"."""
     import os
-
-    from covid_eval.shortcut_audit import cover, segment
-    from covid_eval.shortcut_audit_unit import load_segmenter
 
     cache = Path(cache_dir or os.environ.get("COVID_CACHE_DIR", Path.home() / ".cache" / "covid-xray"))
     model, _, _ = load_segmenter(segmenter_uri, cache)

@@ -183,3 +183,28 @@ def installability_errors(page) -> list[dict]:
         return cdp.send("Page.getInstallabilityErrors")["installabilityErrors"]
     finally:
         cdp.detach()
+
+
+def shenzhen_subset(shenzhen: Path, dest: Path) -> Path:
+    """A seeded few X-rays of each finding of the Shenzhen set, and masks/ that is no finding."""
+    import random
+    import shutil
+
+    for folder in ("Normal", "Tuberculosis", "masks"):
+        (dest / folder).mkdir(parents=True)
+        for f in random.Random(3).sample(sorted((shenzhen / folder).glob("*.png")), 6 if folder != "masks" else 2):
+            shutil.copyfile(f, dest / folder / f.name)
+    return dest
+
+
+def worker_has_webgpu(page) -> bool:
+    """What a worker of the app's page answers when asked whether it gets a WebGPU adapter."""
+    answer = page.evaluate(
+        """() => new Promise((resolve, reject) => {
+            const w = new Worker("./inference-worker.js");
+            w.onmessage = (e) => { w.terminate(); e.data.error ? reject(e.data.error) : resolve(e.data.result); };
+            w.postMessage({ id: 1, type: "webgpu" });
+        })"""
+    )
+    assert isinstance(answer, bool), answer
+    return answer

@@ -1,23 +1,13 @@
-"""The phone app in a real browser: Debian's headless Chromium driven by Playwright, on the app
-bundle of a real published smoke run (``flows.retrain --preset smoke`` on a seeded part of the shared sample),
-served by ``python -m covid_app.serve`` as ``make app`` does.
-
-Probabilities shown are checked against Python's TFLite interpreter on the same image file, the
-heatmap against the same occlusion computed in Python, and the app against offline use and bad
-input. The out-of-distribution guard fails closed (a guard file that is missing or corrupt, or a
-bundle without a guard, asks for the same confirmation as a flagged picture); the four screens
-pass axe-core's serious and critical rules; Chromium finds the app installable. A 390x844
-screenshot of the results screen is taken; it replaces the README's picture in docs/screenshots/
-only on request (COVID_SCREENSHOTS=docs/screenshots).
+"""The phone app in a real browser (Debian's headless Chromium, Playwright) on the bundle of a real published
+smoke run, served as ``make app`` does: probabilities against Python's TFLite, the heatmap against Python's
+occlusion, offline use, bad input, the fail-closed guard, axe-core's serious and critical rules on the four
+screens, installability, and a 390x844 screenshot (into docs/screenshots/ only with COVID_SCREENSHOTS set).
 """
-
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +30,9 @@ from tests.app_browser import (
     _test_xrays,
     axe_violations,
     installability_errors,
+    shenzhen_subset,
     turned_xray,
+    worker_has_webgpu,
 )
 from tests.conftest import MOBILENET_WEIGHTS, REPO, SAMPLE, SHARED, make_kaggle_folder, require_shared
 
@@ -57,11 +49,7 @@ def published(tmp_path_factory) -> dict:
     require_shared(SAMPLE, MOBILENET_WEIGHTS, SHENZHEN)
     base = tmp_path_factory.mktemp("app-run")
     store = base / "store"
-    negative = base / "shenzhen-subset"  # a seeded few of each finding, and masks/ that is no finding
-    for folder in ("Normal", "Tuberculosis", "masks"):
-        (negative / folder).mkdir(parents=True)
-        for f in random.Random(3).sample(sorted((SHENZHEN / folder).glob("*.png")), 6 if folder != "masks" else 2):
-            shutil.copyfile(f, negative / folder / f.name)
+    negative = shenzhen_subset(SHENZHEN, base / "shenzhen-subset")
     about = "pre-pandemic X-rays from another hospital, none COVID"
     env = {
         **os.environ,
@@ -210,14 +198,7 @@ def test_the_gpu_is_offered_only_where_the_models_worker_has_it(page, published)
     page.wait_for_selector("#webgpu-toggle[data-webgpu]", state="attached", timeout=30_000)
     # What a worker of this page gets, asked directly: the toggle must follow it, not the page's navigator.gpu
     # (headless Chromium exposes navigator.gpu with no adapter behind it).
-    in_worker = page.evaluate(
-        """() => new Promise((resolve, reject) => {
-            const w = new Worker("./inference-worker.js");
-            w.onmessage = (e) => { w.terminate(); e.data.error ? reject(e.data.error) : resolve(e.data.result); };
-            w.postMessage({ id: 1, type: "webgpu" });
-        })"""
-    )
-    assert isinstance(in_worker, bool)
+    in_worker = worker_has_webgpu(page)
     state = page.get_attribute("#webgpu-toggle", "data-webgpu")
     assert state == ("available" if in_worker else "unavailable")
     assert page.is_hidden("#webgpu-toggle") is (not in_worker)

@@ -99,8 +99,11 @@ def test_renamed_class_folders_are_scored_once_and_reused(trained, tmp_path):
     assert out["model_uri"] == trained["slot"] and rec["model"]["model"] == "custom_cnn"
     assert rec["model"]["input_size"] == 32 and rec["model"]["trained"] == "trained from scratch (all layers)"
     split_hash = trained["split"].split_hash
-    marker = hashlib.sha256((Path(trained["slot"]) / "metrics.json").read_bytes()).hexdigest()[:12]
-    assert out["model_key"] == f"{split_hash}/custom_cnn-test-{marker}"  # the slot's name and its marker's digest
+    doc = json.loads((Path(trained["slot"]) / "metrics.json").read_text())
+    where = ("out", "split", "cache_dir", "verbose")
+    identity = {"metrics": doc.get("metrics"), "config": {k: v for k, v in doc["config"].items() if k not in where}}
+    marker = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    assert out["model_key"] == f"{split_hash}/custom_cnn-test-{marker}"  # the slot's name and the model's digest
     assert out["uri"] == open_store(trained["store"]).uri_for(
         f"evaluations/{split_hash}/custom_cnn-test-{marker}/{out['dataset_version']}"
     )

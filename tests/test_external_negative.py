@@ -189,7 +189,9 @@ def test_two_slots_of_the_same_name_are_two_models_with_two_evaluations(threshol
     model.get_layer("calls").set_weights([-w, np.array([32.0, -50.0, 0.0, -50.0])])  # COVID iff mean < 128
     model.save(other / "model.keras")
     doc = json.loads((Path(threshold_model["slot"]) / "metrics.json").read_text())
-    (other / "metrics.json").write_text(json.dumps({**doc, "note": "another training"}))
+    # Another model has figures of its own: here, every test image called COVID.
+    other_metrics = {"test": {"confusion_matrix": [[2, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]]}}
+    (other / "metrics.json").write_text(json.dumps({**doc, "metrics": other_metrics}))
     second = evaluate_negative(str(other), str(src), threshold_model["store"])
     assert second["uri"] != first["uri"]
     assert (first["covid_predicted"], second["covid_predicted"]) == (1, 2)  # each model's own calls
