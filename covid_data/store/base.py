@@ -5,7 +5,8 @@ process that makes the N-th store write (counted across processes in that file) 
 right after it. The crash-safety tests use it to stop the pipeline at every write boundary.
 With ``COVID_FAULT_LOG`` = a file as well, each write appends its key there (a line per write, in
 count order): the tests learn which write completes which unit. ``COVID_FAULT_KILL_GROUP=1`` kills
-the writer's whole process group instead (a flow run with its children, as an OOM kill does).
+the writer's whole process group instead, and the group of the run's first writer (a flow run with its
+children, as an OOM kill does, even when the N-th write is a training child's, in a session of its own).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def fault_hook(key: str = "") -> None:
     counter = os.environ.get("COVID_FAULT_COUNTER")
     if not limit or not counter:
         return
+    if os.environ.get("COVID_FAULT_KILL_GROUP") == "1":
+        # The run's group, as its first writer sees it: a training child leads a session of its own, and an
+        # OOM kill of the run takes the flow process with it, not the child alone.
+        os.environ.setdefault("COVID_FAULT_RUN_PGID", str(os.getpgrp()))
     with open(counter, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)  # processes of one run share the count
         f.seek(0)
@@ -60,6 +65,9 @@ def fault_hook(key: str = "") -> None:
                 log.write(f"{n}\t{key}\n")
     if n == int(limit):
         if os.environ.get("COVID_FAULT_KILL_GROUP") == "1":
+            run = int(os.environ["COVID_FAULT_RUN_PGID"])
+            if run != os.getpgrp():
+                os.killpg(run, signal.SIGKILL)
             os.killpg(os.getpgrp(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
