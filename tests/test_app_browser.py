@@ -3,6 +3,7 @@ smoke run, served as ``make app`` does: probabilities against Python's TFLite, t
 occlusion, offline use, bad input, the fail-closed guard, axe-core's serious and critical rules on the four
 screens, installability, and a 390x844 screenshot (into docs/screenshots/ only with COVID_SCREENSHOTS set).
 """
+
 from __future__ import annotations
 
 import json
