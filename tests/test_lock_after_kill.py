@@ -30,8 +30,11 @@ pytestmark = pytest.mark.slow
 # keyword arguments of store_run_lock.
 HOLDER = textwrap.dedent(
     """
-    import json, os, sys, time
+    import json, os, signal, sys, time
     from pathlib import Path
+    # Ctrl-C as in a terminal: a job a non-interactive shell starts with `&` (a CI script run in the
+    # background) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from prefect import flow
     from prefect.runtime import flow_run
     from tasks.locks import store_run_lock
