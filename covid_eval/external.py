@@ -78,7 +78,7 @@ class ModelRef:
 
     reference: str  # what the caller asked for
     uri: str  # the slot
-    key: str  # <split hash>/<slot name>-<digest of its metrics.json>
+    key: str  # <split hash>/<slot name>-<digest of its figures and settings>
     model: str
     run_id: str | None
     config: dict[str, Any]

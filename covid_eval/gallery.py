@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from covid_data.dataset import default_cache_dir
 from covid_data.labels import CLASSES
 from covid_data.manifest import read_parquet_bytes
 from covid_data.split import SplitRef
@@ -81,10 +82,7 @@ def load_masks(files: list[str | None], size: int) -> np.ndarray | None:
 def segmenter_masks(segmenter_uri: str, images: np.ndarray, cache_dir: Path | None = None) -> np.ndarray:
     """The lung segmenter unit's masks (True on the lungs) of ``images`` (uint8 ``[N, H, W, C]``, the model's
     input), at their size: where a dataset ships no masks, the shortcut score still measures "outside the lungs"."""
-    import os
-
-    cache = Path(cache_dir or os.environ.get("COVID_CACHE_DIR", Path.home() / ".cache" / "covid-xray"))
-    model, _, _ = load_segmenter(segmenter_uri, cache)
+    model, _, _ = load_segmenter(segmenter_uri, Path(cache_dir) if cache_dir else default_cache_dir())
     grey = images[..., 0] if images.shape[-1] == 1 else np.rint(images.astype("float32").mean(axis=-1))
     # The hull of both lungs, as the audit covers them: the segmenter misses white, consolidated lobes, and
     # heat on disease inside the lungs is not a shortcut.

@@ -109,11 +109,17 @@ def application_preprocess(name: str) -> Callable:
     return getattr(keras.applications, arch.module).preprocess_input
 
 
+def check_head(name: str, head: str) -> None:
+    """ValueError unless ``head`` is one of :data:`HEADS` and ``name`` has a head to choose."""
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
+    if not ARCHITECTURES[name].transfer and head != "flatten":
+        raise ValueError(f"{name} is the paper's own network: its head is not an option (got head={head!r})")
+
+
 def _head(input_shape: tuple[int, ...], num_classes: int, kind: str = "flatten"):
     import keras
 
-    if kind not in HEADS:
-        raise ValueError(f"unknown head {kind!r}; choose from {', '.join(HEADS)}")
     reduce = (
         keras.layers.Flatten(name="flatten") if kind == "flatten" else keras.layers.GlobalAveragePooling2D(name="pool")
     )
@@ -214,11 +220,8 @@ def build_model(
         raise ValueError(f"{name} needs an input of at least {arch.min_size}px, got {input_size}")
     inputs = keras.Input((input_size, input_size, channels), name="image")
     x = preprocess_layer(arch.mode, channels)(inputs)
-    if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; choose from {', '.join(HEADS)}")
+    check_head(name, head)
     if not arch.transfer:
-        if head != "flatten":
-            raise ValueError(f"{name} is the paper's own network: its head is not an option (got head={head!r})")
         outputs = _custom_cnn_body(tuple(x.shape[1:]), num_classes)(x)
         return keras.Model(inputs, outputs, name=name)
     backbone = _backbone(arch, input_size, weights)

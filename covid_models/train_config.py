@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from covid_models.augment import RECIPES
-from covid_models.builders import HEADS, MODEL_NAMES, is_transfer
+from covid_models.builders import MODEL_NAMES, check_head, is_transfer
 from covid_models.data import pipeline_version
 from covid_models.strategy import AUTO, canonical_device, resolve_device
 from covid_models.weights import keras_file_names, resolve_imagenet
@@ -90,7 +90,7 @@ class TrainConfig:
     # "imagenet" | "scratch" (random initialisation, every layer trained) | a weights file;
     # "none" only for the custom CNN, which has no backbone
     weights: str = "imagenet"
-    head: str = "flatten"  # covid_models.builders.HEADS; transfer models only
+    head: str = "flatten"  # covid_models.builders.HEADS; transfer models only (check_head)
     fine_tune_layers: int = 0  # after the head converges, train the top N backbone layers ...
     fine_tune_epochs: int = 0  # ... for this many epochs ...
     fine_tune_learning_rate: float = 1e-5  # ... at this rate
@@ -112,10 +112,7 @@ class TrainConfig:
             raise ValueError(f"unknown augment_recipe {self.augment_recipe!r}; choose from {RECIPES}")
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODEL_NAMES)}")
-        if self.head not in HEADS:
-            raise ValueError(f"unknown head {self.head!r}; choose from {', '.join(HEADS)}")
-        if not is_transfer(self.model) and self.head != "flatten":
-            raise ValueError(f"head={self.head!r}: {self.model} is the paper's own network, its head is not an option")
+        check_head(self.model, self.head)
         if is_transfer(self.model) and self.weights == "none":
             # A head on a frozen random backbone learns next to nothing, and would be published as "vgg16".
             raise ValueError(
