@@ -44,6 +44,7 @@ COMPONENTS = 64
 QUANTILE = 0.995
 SCALE = 100.0  # scores of a few units read better than 0.0x
 BACKBONE = "mobilenet_v2"
+LAYER = "out_relu"  # where the features are taken: MobileNetV2's last layer
 METHOD = (
     f"Distance from the training X-rays in the feature space of an ImageNet MobileNetV2 ({INPUT_SIZE} px, "
     f"L2-normalised pooled features): the part the training set's top {COMPONENTS} principal components do "
@@ -71,8 +72,9 @@ def _weights() -> Path | str:
         raise GuardUnavailableError(f"the out-of-distribution guard needs ImageNet MobileNetV2 weights: {e}") from e
 
 
-def feature_model(weights: Path | str):
-    """Image (0..255, grey, ``INPUT_SIZE`` px) -> L2-normalised pooled MobileNetV2 features."""
+def feature_model(weights: Path | str, layer: str = LAYER):
+    """Image (0..255, grey, ``INPUT_SIZE`` px) -> L2-normalised pooled MobileNetV2 features, taken at
+    ``layer`` (the backbone's last blocks hold most of its weights, and the phone downloads them)."""
     import keras
 
     inp = keras.Input((INPUT_SIZE, INPUT_SIZE, 1), name="image")
@@ -83,6 +85,8 @@ def feature_model(weights: Path | str):
         )
     except Exception as e:  # "imagenet" with no network
         raise GuardUnavailableError(f"the guard's ImageNet MobileNetV2 weights could not be loaded ({e})") from e
+    if layer != backbone.layers[-1].name:
+        backbone = keras.Model(backbone.input, backbone.get_layer(layer).output, name=f"mobilenet_v2_to_{layer}")
     f = keras.layers.GlobalAveragePooling2D()(backbone(x))
     f = f / keras.ops.sqrt(keras.ops.sum(keras.ops.square(f), axis=-1, keepdims=True) + 1e-12)
     return keras.Model(inp, f, name="guard_features")

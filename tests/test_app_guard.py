@@ -128,6 +128,27 @@ def test_tflite_guard_scores_as_fitted(fitted):
     np.testing.assert_allclose(G.tflite_scores(rec["uri"], imgs), expected, rtol=1e-3, atol=1e-3)
 
 
+def test_features_taken_at_an_earlier_layer_are_that_layers_and_drop_the_blocks_after_it():
+    """``feature_model(layer=...)`` (benchmarks/guard_cut.py) pools that layer's channels, keeps the ImageNet
+    weights of the blocks before it (its features on a real X-ray equal the full network's layer output,
+    pooled and normalised) and has none of the blocks after it."""
+    import keras
+
+    require_shared(MOBILENET_WEIGHTS)
+    full = G.feature_model(MOBILENET_WEIGHTS)
+    cut = G.feature_model(MOBILENET_WEIGHTS, "block_13_expand_relu")
+    assert cut.output.shape[-1] == 576 and full.output.shape[-1] == 1280
+    assert cut.count_params() < full.count_params() / 3
+    assert not [w for w in cut.weights if "block_14" in w.path or "Conv_1" in w.path]
+    img = _images([next((SHARED / "data/covid19-radiography-sample/COVID-19_Radiography_Dataset/Normal/images").glob("*.png"))])
+    backbone = next(layer for layer in full.layers if isinstance(layer, keras.Model))
+    inner = keras.Model(backbone.input, backbone.get_layer("block_13_expand_relu").output)
+    x = (img.astype("float32") / 127.5 - 1.0).repeat(3, -1)  # MobileNetV2's preprocess_input, grey -> RGB
+    pooled = inner.predict(x, verbose=0).mean((1, 2))
+    expected = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+    np.testing.assert_allclose(cut.predict(img, verbose=0), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_colourfulness_separates_grey_from_colour():
     grey = np.repeat(np.arange(256, dtype=np.uint8)[None, :, None], 3, axis=2)
     assert G.colourfulness(grey) == 0.0
