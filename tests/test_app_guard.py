@@ -140,7 +140,8 @@ def test_features_taken_at_an_earlier_layer_are_that_layers_and_drop_the_blocks_
     assert cut.output.shape[-1] == 576 and full.output.shape[-1] == 1280
     assert cut.count_params() < full.count_params() / 3
     assert not [w for w in cut.weights if "block_14" in w.path or "Conv_1" in w.path]
-    img = _images([next((SHARED / "data/covid19-radiography-sample/COVID-19_Radiography_Dataset/Normal/images").glob("*.png"))])
+    normals = SHARED / "data/covid19-radiography-sample/COVID-19_Radiography_Dataset/Normal/images"
+    img = _images([next(normals.glob("*.png"))])
     backbone = next(layer for layer in full.layers if isinstance(layer, keras.Model))
     inner = keras.Model(backbone.input, backbone.get_layer("block_13_expand_relu").output)
     x = (img.astype("float32") / 127.5 - 1.0).repeat(3, -1)  # MobileNetV2's preprocess_input, grey -> RGB
