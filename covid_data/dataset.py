@@ -7,7 +7,8 @@ Sources (``parse_source``):
 * a store prefix (``gs://…``, ``file://…`` or a path) that already holds a dataset version
   (it has a ``manifest.parquet``), or raw images in one of the layouts.
 
-Store layout of a version (``datasets/<version>/``): ``images/<label>/<file>``, then
+Store layout of a version (``datasets/<version>/``): ``images/<label>/<file>`` (an extra source's
+under ``sources/<name>/images/...``: ``covid_data.sources``), then
 ``dataset.json`` and, written last and create-only as the completion marker,
 ``manifest.parquet``. The version is a hash of the manifest, so two different datasets never
 share a prefix. A version without its marker is an interrupted attempt whose objects the next
@@ -21,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +39,8 @@ from covid_data.manifest import (
     to_parquet_bytes,
     with_mask_columns,
 )
+from covid_data.sources import MAIN as MAIN_SOURCE
+from covid_data.sources import source_counts, source_of
 from covid_data.store import ObjectExistsError, Store, md5_file, open_store
 
 log = logging.getLogger(__name__)
@@ -207,28 +210,37 @@ def publish_version(
     *,
     source: str,
     progress: Progress | None = None,
+    extra: Mapping[str, Staged] | None = None,
 ) -> DatasetRef:
-    """Upload images, then ``dataset.json``, then the manifest (the commit marker)."""
+    """Upload images, then ``dataset.json``, then the manifest (the commit marker).
+
+    ``extra``: the staged extra sources by name, whose rows (under ``sources/<name>/``) are read
+    from their own folders (``covid_data.sources``)."""
+    extra = dict(extra or {})
+    roots = {MAIN_SOURCE: Path(files_root), **{n: Path(s.root) for n, s in extra.items()}}
+
+    def local_files(paths: pd.Series, source_paths: pd.Series) -> list[tuple[str, Path]]:
+        return [(f"{prefix}/{p}", roots[n] / s) for p, s, n in zip(paths, source_paths, source_of(paths), strict=True)]
+
     version = dataset_version(manifest)
     prefix = f"datasets/{version}"
     if store.exists(f"{prefix}/{MANIFEST}"):
         log.info("dataset version %s is already in %s: nothing uploaded", version, store.uri)
         return DatasetRef(store.uri, version, len(manifest), 0, len(manifest), source)
 
-    items = [
-        (f"{prefix}/{p}", Path(files_root) / s) for p, s in zip(manifest["path"], manifest["source_path"], strict=True)
-    ]
+    unknown = sorted(set(source_of(manifest["path"])) - set(roots))
+    if unknown:
+        raise ValueError(f"the manifest has rows of sources {unknown} whose folders were not given")
+    items = local_files(manifest["path"], manifest["source_path"])
     # Images need no overwrite: the version hashes every path's sha256, so an image an interrupted
     # attempt left is byte-identical (and skipped) or a corruption worth an error.
-    written, skipped = store.put_many(items, prefix=f"{prefix}/images")
+    # One listing for the checksums of what is already there (extra sources lie beside images/).
+    written, skipped = store.put_many(items, prefix=prefix if extra else f"{prefix}/images")
     masks = with_mask_columns(manifest)
     masks = masks[masks["mask_path"].notna()]
     if len(masks):
-        mask_items = [
-            (f"{prefix}/{p}", Path(files_root) / s)
-            for p, s in zip(masks["mask_path"], masks["mask_source_path"], strict=True)
-        ]
-        w, k = store.put_many(mask_items, prefix=f"{prefix}/masks")
+        mask_items = local_files(masks["mask_path"], masks["mask_source_path"])
+        w, k = store.put_many(mask_items, prefix=prefix if extra else f"{prefix}/masks")
         written, skipped = written + w, skipped + k
     if progress:
         progress(len(items), len(items))
@@ -242,6 +254,12 @@ def publish_version(
         "lung_masks": len(masks),
         "lung_masks_not_used": int(with_mask_columns(manifest)["mask_error"].notna().sum()),
     }
+    if extra:  # where each source's images came from, and how many
+        counts = source_counts(manifest)
+        meta["sources"] = {
+            MAIN_SOURCE: {"source": source, "n_images": counts.get(MAIN_SOURCE, 0)},
+            **{n: {"source": s.source, "n_images": counts.get(n, 0)} for n, s in extra.items()},
+        }
     # No marker yet: whatever an interrupted attempt left here is replaced, not trusted.
     store.put_text(f"{prefix}/dataset.json", json.dumps(meta, indent=2), overwrite=True)
     try:

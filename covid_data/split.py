@@ -34,6 +34,7 @@ import pandas as pd
 from covid_data.labels import CLASSES
 from covid_data.manifest import read_parquet_bytes, to_parquet_bytes
 from covid_data.near_duplicates import duplicate_groups
+from covid_data.sources import source_of
 from covid_data.store import Store, UnitCompleteError, open_store, read_object
 
 log = logging.getLogger(__name__)
@@ -180,9 +181,21 @@ def _assign_folds(usable: pd.DataFrame, groups: np.ndarray, cfg: SplitConfig) ->
             f"the smallest class has {smallest} usable images; a {cfg.train}/{cfg.val}/{cfg.test} split needs "
             f"at least {n_folds} per class"
         )
+    strata = usable["label"]
+    source = pd.Series(source_of(usable["path"]), index=usable.index)
+    if source.nunique() > 1:
+        # With extra sources, each source's classes spread over the splits like the main source's, where
+        # every (class, source) has enough images for the folds; a smaller one is stratified by class only.
+        by_source = usable["label"] + "|" + source
+        sizes = by_source.value_counts()
+        small = sorted(sizes[sizes < n_folds].index)
+        if small:
+            log.warning("(class|source) strata %s have under %d images: stratified by class alone", small, n_folds)
+        else:
+            strata = by_source
     fold_of = np.empty(len(usable), dtype=int)
     sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=cfg.seed)
-    for fold, (_, idx) in enumerate(sgkf.split(np.zeros(len(usable)), usable["label"], groups)):
+    for fold, (_, idx) in enumerate(sgkf.split(np.zeros(len(usable)), strata, groups)):
         fold_of[idx] = fold
     return np.where(fold_of < k_train, "train", np.where(fold_of < k_train + k_val, "val", "test"))
 

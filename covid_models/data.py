@@ -29,6 +29,7 @@ import pandas as pd
 from covid_data.dataset import default_cache_dir
 from covid_data.imaging import read_pixels, to_channels
 from covid_data.labels import CLASSES
+from covid_data.sources import source_of
 from covid_data.split import SplitRef, load_split
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,19 @@ class SplitData:
 
     def size(self, split: str) -> int:
         return len(self.frames.get(split, ()))
+
+    def sources(self, split: str) -> np.ndarray:
+        """Each row's source (``main``, or an extra source's name: ``covid_data.sources``)."""
+        return source_of(self.frames[split]["path"])
+
+    def balanced_weights(self, split: str) -> np.ndarray | None:
+        """Per-row weights that give every source the same total weight (mean 1), or None for one
+        source: what source-balanced batches do, for training on cached features."""
+        src = self.sources(split)
+        names, idx, counts = np.unique(src, return_inverse=True, return_counts=True)
+        if len(names) < 2:
+            return None
+        return (len(src) / (len(names) * counts[idx])).astype("float32")
 
 
 def load_split_data(split_uri: str, cache_dir: Path | None = None, max_per_class: int | None = None) -> SplitData:
@@ -243,11 +257,14 @@ def make_dataset(
     seed: int = 42,
     augment=None,
     repeat: bool | None = None,
+    sources: np.ndarray | None = None,
 ):
     """A batched dataset of (float32 images 0-255, int labels).
 
     ``cache`` is a file prefix for the on-disk cache of decoded, resized images, or None.
     ``repeat`` defaults to ``training``: a repeating train set needs ``steps_per_epoch``.
+    ``sources`` (each file's source name): a training set of two or more sources draws each
+    example from a source chosen uniformly, so batches are source-balanced (and repeat).
     """
     import tensorflow as tf
 
@@ -255,7 +272,10 @@ def make_dataset(
     ds = ds.map(lambda p, y: (decode_resize(p, size, channels), y), num_parallel_calls=tf.data.AUTOTUNE)
     if cache is not None:
         ds = _filled_cache(ds, cache)
-    if training:
+    names, source_idx = np.unique(sources, return_inverse=True) if sources is not None else ((), None)
+    if training and len(names) > 1:
+        ds = _source_balanced(ds, source_idx, len(files), seed)
+    elif training:
         ds = ds.shuffle(min(len(files), 4096), seed=seed, reshuffle_each_iteration=True)
     if training if repeat is None else repeat:
         ds = ds.repeat()
@@ -264,6 +284,22 @@ def make_dataset(
     if augment is not None:
         ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _source_balanced(ds, source_idx: np.ndarray, n: int, seed: int):
+    """Each source shuffled and repeated on its own, then sampled with equal weights (seeded)."""
+    import tensorflow as tf
+
+    k = int(source_idx.max()) + 1
+    tagged = tf.data.Dataset.zip((ds, tf.data.Dataset.from_tensor_slices(source_idx.astype("int32"))))
+    parts = [
+        tagged.filter(lambda e, s, i=i: tf.equal(s, i))
+        .map(lambda e, s: e)
+        .shuffle(min(n, 4096), seed=seed + i, reshuffle_each_iteration=True)
+        .repeat()
+        for i in range(k)
+    ]
+    return tf.data.Dataset.sample_from_datasets(parts, weights=[1.0 / k] * k, seed=seed)
 
 
 def image_dataset(
@@ -294,4 +330,5 @@ def image_dataset(
         seed=seed,
         augment=augment,
         repeat=repeat,
+        sources=data.sources(split) if training else None,
     )

@@ -44,6 +44,25 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = 15)
     return float(ece)
 
 
+def metrics_by_source(probs: np.ndarray, y: np.ndarray, sources: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Accuracy (Wilson 95% interval) and COVID sensitivity of each source's rows: how a model trained on
+    several sources does on each (``extra_sources``)."""
+    pred, y, sources = np.asarray(probs).argmax(axis=1), np.asarray(y), np.asarray(sources)
+    out = {}
+    for name in sorted(set(sources.tolist()), key=lambda n: (n != "main", n)):
+        rows = sources == name
+        right, covid = int((pred[rows] == y[rows]).sum()), rows & (y == COVID)
+        found = int((pred[covid] == COVID).sum())
+        out[name] = {
+            "n": int(rows.sum()),
+            "accuracy": right / int(rows.sum()),
+            "accuracy_ci95": list(wilson_interval(right, int(rows.sum()))),
+            "covid_n": int(covid.sum()),
+            "covid_sensitivity": found / int(covid.sum()) if covid.any() else float("nan"),
+        }
+    return out
+
+
 def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """Every metric the leaderboard and model card use, for one split."""
     from sklearn.metrics import (

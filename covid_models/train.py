@@ -36,7 +36,7 @@ from covid_models.checkpoints import HISTORY_KEYS, Checkpoints
 from covid_models.cli import parser
 from covid_models.data import global_batch_size, image_dataset, load_split_data
 from covid_models.feature_cache import compute_features
-from covid_models.metrics import classification_metrics, plot_confusion, plot_history
+from covid_models.metrics import classification_metrics, metrics_by_source, plot_confusion, plot_history
 from covid_models.stored import MARKER, model_slot
 from covid_models.strategy import check_device, select_strategy
 from covid_models.train_config import TrainConfig, library_versions, resolve_weights, training_identity
@@ -108,6 +108,7 @@ def _train_head_on_features(model, cfg, data, cache, batch, backup) -> tuple[dic
     head.fit(
         feats["train"],
         labels["train"],
+        sample_weight=data.balanced_weights("train"),  # extra sources: each source weighs the same
         batch_size=batch,
         epochs=cfg.epochs,
         validation_data=val,
@@ -279,6 +280,9 @@ def train_model(cfg: TrainConfig) -> TrainResult:
         probs = _predict_images(model, cfg, data, cache, batch)
 
     metrics = {s: classification_metrics(p, data.files(s)[1]) for s, p in probs.items()}
+    for s, p in probs.items():
+        if len(set(data.sources(s))) > 1:  # extra sources: each source's figures beside the pooled ones
+            metrics[s]["by_source"] = metrics_by_source(p, data.files(s)[1], data.sources(s))
     return _publish(slot, cfg, model, history, metrics, train_seconds, feature_seconds, runtime, scratch)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
+from covid_data.sources import extra_sources as parse_extra_sources
 from covid_data.split import SplitConfig
 from tasks.credentials import DEFAULT_SECRET_BLOCK
 from tasks.data import build_manifest, fetch_source, publish_dataset, split_dataset, validate_dataset
@@ -39,15 +40,26 @@ def prepare_data(
     max_group_share: float = SplitConfig.max_group_share,
     cache_dir: str | None = None,
     kaggle_secret_block: str | None = DEFAULT_SECRET_BLOCK,
+    extra_sources: list[str | dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Bring the dataset into the store, validate it and split it.
+
+    ``extra_sources``: more labelled folders (location, or ``{"uri", "name"}``) whose images join the
+    version under ``sources/<name>/``, validated each as a labelled set of its own (covid_data.sources).
 
     Returns the store URIs of the dataset version, its manifest, the validation result and
     the split, with the split's hash (the cache key of later steps).
     """
+    extras = parse_extra_sources(extra_sources)
     staged = fetch_source(source, cache_dir, kaggle_secret_block)
     manifest_path = build_manifest(staged)
-    dataset = publish_dataset(manifest_path, staged, store)
+    more = []
+    for extra in extras:
+        extra_staged = fetch_source.with_options(name=f"fetch-source-{extra['name']}")(
+            extra["uri"], cache_dir, kaggle_secret_block
+        )
+        more.append({**extra, "staged": extra_staged, "manifest": build_manifest(extra_staged)})
+    dataset = publish_dataset(manifest_path, staged, store, more)
     validation = validate_dataset(
         dataset,
         profile,
@@ -80,6 +92,7 @@ def prepare_data(
         "split": split["uri"],
         "split_hash": split["split_hash"],
         "split_counts": split["counts"],
+        **({"sources": [e["name"] for e in extras]} if extras else {}),
     }
 
 
@@ -111,6 +124,15 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         "and is regrouped at tighter distances (1: no bound)",
     )
     p.add_argument(
+        "--extra-source",
+        dest="extra_sources",
+        action="append",
+        default=None,
+        metavar="URI|JSON",
+        help="another labelled folder to train on, in the same class layout (repeatable): a location or "
+        '{"uri": ..., "name": ...}; its images join the version under sources/<name>/ and batches are source-balanced',
+    )
+    p.add_argument(
         "--kaggle-secret-block",
         default=DEFAULT_SECRET_BLOCK,
         help="Prefect Secret block with Kaggle credentials, used when the client finds none ('': never)",
@@ -127,6 +149,7 @@ def data_settings(a: argparse.Namespace) -> dict[str, Any]:
         "near_dup_distance": a.near_dup_distance,
         "max_group_share": a.max_group_share,
         "kaggle_secret_block": a.kaggle_secret_block or None,
+        "extra_sources": [json.loads(x) if x.lstrip().startswith("{") else x for x in a.extra_sources or []] or None,
     }
 
 

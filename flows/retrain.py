@@ -24,6 +24,7 @@ from flows.retrain_params import (
     PublishingParams,
     TrainingParams,
     cli_parameters,
+    refuse_external_training,
     run_preset,
 )
 from tasks.audit import audit_data
@@ -95,6 +96,7 @@ def retrain(
         promotion: what a challenger must show to become the champion (bless, promote)
         publishing: what is exported for the top models
     """
+    refuse_external_training(data, promotion)
     p = run_preset(data, training)
     run, clock = run_id(), StageClock()
     with store_run_lock(store):

@@ -21,6 +21,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from covid_data.sources import extra_sources as parse_extra_sources
+from covid_data.sources import refuse_external
 from covid_data.split import SplitConfig
 from covid_data.validation import PROFILES
 from covid_eval.negative_report import external_set
@@ -68,6 +70,16 @@ class DataParams(_Params):
     for shortcuts, the lungs blacked out (none: no audit)"""
     segmenter: dict[str, Any] | None = None
     """with lung_masks: the segmenter's recipe, SegmenterConfig fields, e.g. {"steps": 300} (default: its defaults)"""
+    extra_sources: list[str | dict[str, str]] | None = None
+    """more labelled folders to train on, in the same class layout: a location or {"uri": ..., "name": ...}; their
+    images join the dataset version under sources/<name>/, the split stratifies by source, batches are
+    source-balanced (never an external set)"""
+
+    @field_validator("extra_sources")
+    @classmethod
+    def _named_extra_sources(cls, specs: list[str | dict[str, str]] | None) -> list[str | dict[str, str]] | None:
+        parse_extra_sources(specs)  # a bad or repeated name is refused before the run starts
+        return specs
 
     @field_validator("segmenter")
     @classmethod
@@ -197,6 +209,11 @@ class PublishingParams(_Params):
 def run_preset(data: DataParams, training: TrainingParams) -> Preset:
     """The named preset, with the run's split when one is given."""
     return get_preset(training.preset, **({"split": tuple(data.split)} if data.split else {}))
+
+
+def refuse_external_training(data: DataParams, promotion: PromotionParams) -> None:
+    """Raise before anything runs when an extra training source is (or overlaps) an external set."""
+    refuse_external(parse_extra_sources(data.extra_sources), [e["uri"] for e in promotion.external_sets()])
 
 
 def default_profile(source: str) -> str:

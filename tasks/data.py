@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
@@ -26,6 +27,8 @@ from covid_data.dataset import (
 )
 from covid_data.manifest import read_parquet_bytes, to_parquet_bytes
 from covid_data.negative import negative_manifest_of
+from covid_data.sources import MAIN as MAIN_SOURCE
+from covid_data.sources import prefixed, source_of
 from covid_data.split import SplitConfig, write_split
 from covid_data.store import open_store
 from covid_data.validation import DataValidationError, get_profile, validate_manifest
@@ -80,10 +83,25 @@ def build_manifest(staged: dict[str, Any], workers: int | None = None, negative:
 
 
 @task(name="publish-dataset", retries=2, retry_delay_seconds=[10, 60])
-def publish_dataset(manifest_path: str, staged: dict[str, Any], store: str) -> dict[str, Any]:
-    """Upload the images and manifest as a content-addressed dataset version."""
+def publish_dataset(
+    manifest_path: str, staged: dict[str, Any], store: str, extras: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Upload the images and manifest as a content-addressed dataset version.
+
+    ``extras``: ``{name, staged, manifest}`` of each extra source, whose rows join the version under
+    ``sources/<name>/`` (``covid_data.sources``)."""
     manifest = read_parquet_bytes(Path(manifest_path).read_bytes())
-    ref = publish_version(open_store(store), manifest, Path(staged["root"]), source=staged["source"])
+    extras = extras or []
+    if extras:
+        parts = [prefixed(read_parquet_bytes(Path(e["manifest"]).read_bytes()), e["name"]) for e in extras]
+        manifest = pd.concat([manifest, *parts], ignore_index=True).sort_values("path", kind="stable")
+    ref = publish_version(
+        open_store(store),
+        manifest.reset_index(drop=True),
+        Path(staged["root"]),
+        source=staged["source"],
+        extra={e["name"]: Staged(**e["staged"]) for e in extras},
+    )
     return ref.to_dict()
 
 
@@ -94,21 +112,37 @@ def validate_dataset(dataset: dict[str, Any], profile: str = "kaggle", **overrid
     store = open_store(ref.store)
     cfg = get_profile(profile, **overrides)
     manifest = read_parquet_bytes(store.read_bytes(f"{ref.prefix}/manifest.parquet"))
-    report = validate_manifest(manifest, cfg)
-    prefix = f"{ref.prefix}/validation/{profile}-{cfg.fingerprint()}"
-    summary = report.summary_markdown(ref.uri)
-    # Reports are derived and re-derivable; replacing one never touches the dataset itself.
-    store.put_text(f"{prefix}/result.json", report.to_json(), overwrite=True)
-    store.put_text(f"{prefix}/summary.md", summary, overwrite=True)
-    create_markdown_artifact(summary, key="data-validation", description=f"validation of {ref.version}")
+    source = source_of(manifest["path"])
+    # The profile's counts are the main source's; an extra source is someone else's labelled set (any
+    # size, a class may be absent, no other class) and is checked as one.
+    checks = [(MAIN_SOURCE, profile, cfg, f"{ref.prefix}/validation/{profile}-{cfg.fingerprint()}")]
+    extra_cfg = get_profile("external", unreadable=cfg.unreadable)
+    for name in sorted(set(source) - {MAIN_SOURCE}):
+        where = f"{ref.prefix}/validation/sources/{name}/external-{extra_cfg.fingerprint()}"
+        checks.append((name, "external", extra_cfg, where))
     logger = get_run_logger()
-    for w in report.warnings:
-        logger.warning("validation warning: %s (%s)", w.description, w.observed)
-    if report.excluded:
-        logger.warning("%d undecodable files excluded from the split", len(report.excluded))
-    if not report.success:
-        raise DataValidationError(report.failure_message(ref.uri) + f"\nfull report: {store.uri_for(prefix)}")
-    return {"success": True, "result_uri": store.uri_for(f"{prefix}/result.json"), "excluded": len(report.excluded)}
+    failures, excluded, results = [], 0, {}
+    for name, profile_name, check_cfg, prefix in checks:
+        report = validate_manifest(manifest[source == name].reset_index(drop=True), check_cfg)
+        where = ref.uri if name == MAIN_SOURCE else f"{ref.uri} (extra source {name!r})"
+        summary = report.summary_markdown(where)
+        # Reports are derived and re-derivable; replacing one never touches the dataset itself.
+        store.put_text(f"{prefix}/result.json", report.to_json(), overwrite=True)
+        store.put_text(f"{prefix}/summary.md", summary, overwrite=True)
+        key = "data-validation" if name == MAIN_SOURCE else f"data-validation-{name.replace('_', '-')}"
+        create_markdown_artifact(summary, key=key, description=f"validation of {ref.version} ({name}, {profile_name})")
+        for w in report.warnings:
+            logger.warning("validation warning (%s): %s (%s)", name, w.description, w.observed)
+        if report.excluded:
+            logger.warning("%d undecodable files of %s excluded from the split", len(report.excluded), name)
+        excluded += len(report.excluded)
+        results[name] = store.uri_for(f"{prefix}/result.json")
+        if not report.success:
+            failures.append(report.failure_message(where) + f"\nfull report: {store.uri_for(prefix)}")
+    if failures:
+        raise DataValidationError("\n\n".join(failures))
+    out = {"success": True, "result_uri": results[MAIN_SOURCE], "excluded": excluded}
+    return {**out, "sources": results} if len(results) > 1 else out
 
 
 @task(name="split-dataset")

@@ -100,11 +100,13 @@ def test_every_data_setting_is_a_flow_parameter_and_a_cli_option(capsys):
         "max_group_share",
         "cache_dir",
         "kaggle_secret_block",
+        "extra_sources",
     }
     with pytest.raises(SystemExit):
         main(["--help"])
     help_text = capsys.readouterr().out
-    cli = {p for p in params if p not in ("train", "val", "test")} | {"split"}
+    # A repeatable option is named in the singular.
+    cli = {p for p in params if p not in ("train", "val", "test", "extra_sources")} | {"split", "extra_source"}
     for name in cli:
         assert f"--{name.replace('_', '-')} " in help_text, name
     assert help_text.count("(default:") >= len(cli)  # each option explains itself and its default

@@ -64,6 +64,7 @@ FLAT_DEFAULTS = {
     # issue 16 §3: the shortcut audit, off unless a lung-mask source is named
     "lung_masks": None,
     "segmenter": None,
+    "extra_sources": None,
 }
 
 
