@@ -27,7 +27,7 @@ import numpy as np
 from covid_data.labels import CLASSES
 from covid_data.store import open_store
 from covid_models.data import image_dataset, load_split_data
-from covid_models.metrics import classification_metrics, mcnemar_exact, plot_confusion
+from covid_models.metrics import mcnemar_exact, plot_confusion, split_metrics
 from covid_models.stored import StoredModel, model_slot
 from covid_models.train import TrainResult
 
@@ -167,7 +167,7 @@ def build_and_evaluate(members: list[dict[str, Any]], split_uri: str, out: str, 
         if data.size(split):
             ds = image_dataset(data, split, size=size, channels=1, batch_size=32)
             probs = model.predict(ds, verbose=0)
-            metrics[split] = classification_metrics(probs, data.files(split)[1])
+            metrics[split] = split_metrics(probs, data.files(split)[1], data.sources(split))
             val_probs = probs if split == "val" else val_probs
     fair = _against_best_member(members, val_probs, data) if val_probs is not None else {}
     seconds = time.perf_counter() - t0

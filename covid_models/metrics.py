@@ -63,6 +63,14 @@ def metrics_by_source(probs: np.ndarray, y: np.ndarray, sources: np.ndarray) -> 
     return out
 
 
+def split_metrics(probs: np.ndarray, y: np.ndarray, sources: np.ndarray | None = None) -> dict[str, Any]:
+    """:func:`classification_metrics`, with ``by_source`` where the rows come from several sources."""
+    m = classification_metrics(probs, y)
+    if sources is not None and len(set(np.asarray(sources).tolist())) > 1:
+        m["by_source"] = metrics_by_source(probs, y, sources)
+    return m
+
+
 def classification_metrics(probs: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """Every metric the leaderboard and model card use, for one split."""
     from sklearn.metrics import (

@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -36,7 +37,7 @@ from covid_models.checkpoints import HISTORY_KEYS, Checkpoints
 from covid_models.cli import parser
 from covid_models.data import global_batch_size, image_dataset, load_split_data
 from covid_models.feature_cache import compute_features
-from covid_models.metrics import classification_metrics, metrics_by_source, plot_confusion, plot_history
+from covid_models.metrics import plot_confusion, plot_history, split_metrics
 from covid_models.stored import MARKER, model_slot
 from covid_models.strategy import check_device, select_strategy
 from covid_models.train_config import TrainConfig, library_versions, resolve_weights, training_identity
@@ -185,6 +186,11 @@ def train_model(cfg: TrainConfig) -> TrainResult:
 
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     keras.utils.set_random_seed(cfg.seed)
+    if os.environ.get("COVID_OP_DETERMINISM", "0") == "1":
+        # Process-wide and opt-in: what it costs and what it repeats is in BENCHMARKS.md ("Op determinism").
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     choice = select_strategy()
     # Before anything is written: a slot keyed for one device is never trained on another. A config
     # left at "auto" (the CLI with an explicit --out) is recorded as the device it trained on.
@@ -279,10 +285,8 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     if probs is None:
         probs = _predict_images(model, cfg, data, cache, batch)
 
-    metrics = {s: classification_metrics(p, data.files(s)[1]) for s, p in probs.items()}
-    for s, p in probs.items():
-        if len(set(data.sources(s))) > 1:  # extra sources: each source's figures beside the pooled ones
-            metrics[s]["by_source"] = metrics_by_source(p, data.files(s)[1], data.sources(s))
+    # With extra sources, each source's figures beside the pooled ones.
+    metrics = {s: split_metrics(p, data.files(s)[1], data.sources(s)) for s, p in probs.items()}
     return _publish(slot, cfg, model, history, metrics, train_seconds, feature_seconds, runtime, scratch)
 
 

@@ -40,6 +40,7 @@ from tasks.models import (
     external_notes,
     rank_models,
     shortcut_columns,
+    source_columns,
     top_models,
     with_ensemble,
 )
@@ -117,6 +118,8 @@ def retrain(
         externals = external_evaluations(records, promotion.external_sets(), store, data.kaggle_secret_block)
         ext_columns, ext_notes = external_columns(externals), external_notes(externals)
         board = with_columns(board, ext_columns, after="test_covid_sensitivity", notes=ext_notes)
+        by_source, source_notes = source_columns(records)  # with extra sources: each one's test figures
+        board = with_columns(board, by_source, after="test_covid_sensitivity", notes=source_notes)
         # The challenger as the champion registry records it, read from its model slot.
         candidate = candidate_record(run, top[0]["out"], preset=p.name) if top else None
         blessing = bless_challenger(

@@ -225,3 +225,26 @@ def shortcut_columns(explain: list[dict[str, Any]] | None) -> dict[str, dict[str
         for x in explain or []
         if x.get("shortcut_score") is not None
     }
+
+
+def source_columns(records: list[dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """With extra sources: each model's test accuracy per source (95% Wilson interval), read from its slot's
+    ``metrics.json``, and a note naming the columns; nothing for a run of one source."""
+    cols: dict[str, dict[str, Any]] = {}
+    sizes: dict[str, int] = {}
+    for r in records:
+        if r.get("status") not in ("trained", "cached") or not r.get("out"):
+            continue
+        by_source = (((model_slot(r["out"]).record() or {}).get("metrics") or {}).get("test") or {}).get("by_source")
+        for name, m in (by_source or {}).items():
+            sizes[name] = m["n"]
+            cols.setdefault(r["model"], {}).update(
+                {f"test_accuracy@{name}": m["accuracy"], f"test_accuracy@{name}_ci95": _interval(m["accuracy_ci95"])}
+            )
+    counts = ", ".join(f"{k}: {n}" for k, n in sizes.items())
+    note = (
+        f"test_accuracy@<source>: test accuracy on one source's images ({counts} images), with its 95% Wilson "
+        "interval; every model trained on all the sources with source-balanced batches"
+    )
+    notes = [note] if sizes else []
+    return cols, notes

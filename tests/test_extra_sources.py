@@ -20,6 +20,7 @@ from covid_data.validation import DataValidationError
 from covid_models.data import SplitData, load_split_data, make_dataset
 from covid_models.train import TrainConfig, train_model
 from flows.prepare_data import prepare_data
+from tasks.models import source_columns
 from tests.conftest import SHENZHEN_CXR, make_kaggle_folder, sample_files
 
 SMALL = {"profile": "any", "train": 0.6, "val": 0.2, "test": 0.2}
@@ -185,6 +186,13 @@ def test_an_extra_source_joins_a_new_version_under_its_name(prefect_server, main
         }
         lo, hi = by_source["site-b"]["accuracy_ci95"]
         assert lo <= by_source["site-b"]["accuracy"] <= hi
+    # ... and the leaderboard shows each source's test accuracy beside the pooled one.
+    cols, notes = source_columns([{"model": "custom_cnn", "status": "trained", "out": cfg.out}])
+    test = metrics["metrics"]["test"]["by_source"]
+    assert cols["custom_cnn"]["test_accuracy@site-b"] == test["site-b"]["accuracy"]
+    assert cols["custom_cnn"]["test_accuracy@main"] == test["main"]["accuracy"]
+    assert f"site-b: {test['site-b']['n']} images" in notes[0]
+    assert source_columns([{"model": "custom_cnn", "status": "trained", "out": str(tmp_path / "none")}]) == ({}, [])
 
 
 def test_an_extra_source_with_an_unknown_class_fails_naming_the_source(prefect_server, main_source, tmp_path):
