@@ -19,7 +19,6 @@ import io
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -186,8 +185,8 @@ def train_model(cfg: TrainConfig) -> TrainResult:
 
     cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     keras.utils.set_random_seed(cfg.seed)
-    if os.environ.get("COVID_OP_DETERMINISM", "0") == "1":
-        # Process-wide and opt-in: what it costs and what it repeats is in BENCHMARKS.md ("Op determinism").
+    if cfg.op_determinism:
+        # Process-wide: what it costs and what it repeats is in BENCHMARKS.md ("Op determinism").
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()

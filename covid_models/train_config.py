@@ -67,6 +67,8 @@ HELP: dict[str, str] = {
     "max_per_class": "at most this many images per class and split (quick runs; the test set is then capped)",
     "cache_dir": "local cache of decoded images, features and staged files (default ~/.cache/covid-xray)",
     "seed": "random seed of initialisation, shuffling and augmentation",
+    "op_determinism": "TensorFlow op determinism (tf.config.experimental.enable_op_determinism) in the training "
+    "process: the same seed then trains the same model (its cost: BENCHMARKS.md, 'Op determinism')",
     "device": "the hardware this training is for, part of its slot key: auto (what this process selects: "
     "COVID_DEVICE, else TPU variables, else the GPUs), cpu, gpu, multi-gpu:N or tpu:N (N replicas); a training "
     "that selects another device stops with an error",
@@ -101,6 +103,7 @@ class TrainConfig:
     max_per_class: int | None = None  # at most this many images per class and split (quick runs)
     cache_dir: str | None = None
     seed: int = 42
+    op_determinism: bool = False  # process-wide, so per model: each trains in its own process (runner.py)
     # "cpu:1" | "gpu:1" | "multi-gpu:N" | "tpu:N", or "auto": what this process would select
     # (resolved when configs are planned; the slot key never hashes "auto")
     device: str = AUTO
