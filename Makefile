@@ -66,10 +66,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 # Two workers, a test file each at a time (module fixtures such as the browser tests' published run
-# are built once): on 2 cores the suite mostly waits on servers, subprocesses and Prefect runs.
+# are built once): on 2 cores the suite mostly waits on servers, subprocesses and Prefect runs. Files
+# go out longest first (tests/conftest.py, SLOWEST_FIRST), not xdist's most-tests-first.
 TEST_WORKERS ?= 2
 test: $(STAMP) lint app-build browser
-	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -ra -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=20
 
 bench-ingest: $(STAMP)
 	$(PY) benchmarks/ingest.py

@@ -74,6 +74,7 @@ def model_card(
             f"({pct(s_lo)}-{pct(s_hi)}) | {pct(m['covid_specificity'])} ({pct(p_lo)}-{pct(p_hi)}) | {m['ece']:.3f} |"
         )
     lines += resolution_lines(metrics.get("test"))
+    lines += source_lines(metrics)
     lines += calibration_lines(calibration)
     lines += [
         "",
@@ -84,6 +85,27 @@ def model_card(
         "(2021) 104319.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def source_lines(metrics: dict[str, dict[str, Any]]) -> list[str]:
+    """The "By source" table of a model trained on several labelled sources (``extra_sources``): each
+    split's accuracy and COVID sensitivity per source, so that a source the model does poorly on is not
+    averaged away. Nothing for a single-source model."""
+    rows = [(split, name, s) for split, m in metrics.items() for name, s in (m.get("by_source") or {}).items()]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "## By source",
+        "Each source's images of each split (a source with few images has a wide interval).",
+        "",
+        "| split | source | n | accuracy (95% CI) | COVID sensitivity |",
+        "|---|---|---|---|---|",
+    ]
+    for split, name, s in rows:
+        sens = "no COVID images" if not s["covid_n"] else f"{_pct(s['covid_sensitivity'])} of {s['covid_n']}"
+        lines.append(f"| {split} | {name} | {s['n']} | {_pct(s['accuracy'])} ({_ci(s['accuracy_ci95'])}) | {sens} |")
+    return lines
 
 
 def resolution_lines(test: dict[str, Any] | None) -> list[str]:

@@ -135,7 +135,11 @@ def retrain(
         clock.lap("explain")
         published = publish_run(store, run, dataset, board, records, exports, blessing, explain, externals=externals)
         clock.lap("publish")
-        app = app_bundle(store, run, dataset, exports, explain, blessed_uri(candidate, blessing), externals=externals)
+        app = (
+            app_bundle(store, run, dataset, exports, explain, blessed_uri(candidate, blessing), externals=externals)
+            if publishing.app
+            else {"status": "skipped", "reason": "publishing.app is off"}
+        )
         clock.lap("app")
         done = finish_run(
             store, run, dataset, p.to_dict(), board, records, published, exports, blessing, clock.seconds,

@@ -202,6 +202,10 @@ class PublishingParams(_Params):
     int8: bool | None = None
     """also publish int8-weight Core ML packages (default: the preset's)"""
 
+    app: bool = True
+    """build the run's phone app bundle (its X-ray guard and on-device models) in the run; off: the
+    run is published without one, and `make app` builds it when first asked to serve the run"""
+
     def int8_for(self, preset: Preset) -> bool:
         return preset.int8 if self.int8 is None else self.int8
 
@@ -241,6 +245,7 @@ def cli_parser(description: str | None = None) -> argparse.ArgumentParser:
     _option(ap, TrainingParams, "train_deployment")
     _option(ap, TrainingParams, "dask_address")
     _option(ap, PublishingParams, "int8", action=argparse.BooleanOptionalAction)
+    _option(ap, PublishingParams, "app", action=argparse.BooleanOptionalAction)
     _option(ap, PromotionParams, "champion_margin", type=float)
     _option(ap, PromotionParams, "covid_sensitivity_floor", type=float)
     _option(ap, PromotionParams, "require_significance", action=argparse.BooleanOptionalAction)

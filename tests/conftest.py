@@ -37,6 +37,20 @@ SHENZHEN_CXR = SHARED / "data" / "shenzhen-cxr"
 MOBILENET_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_224_no_top.weights.h5"
 CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 
+# The longest test files first (measured with `--durations`): `make test` hands whole files to two
+# workers in collection order (`--dist loadfile --no-loadscope-reorder`), and a long file handed out
+# last would leave the other worker idle while it runs.
+SLOWEST_FIRST = (
+    "test_app_browser.py", "test_crash_safety.py", "test_e2e_retrain.py", "test_retrain_flow.py",
+    "test_training.py", "test_dask.py", "test_e2e_gcs.py", "test_e2e_fanout.py", "test_concurrent_runs.py",
+    "test_fanout.py", "test_app_size.py", "test_lock_after_kill.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 def skip_or_fail(reason: str) -> None:
     """Skip a test whose shared data or tool is absent, except under ``CI=true``, where it fails:

@@ -11,7 +11,7 @@ import httpx
 
 from covid_data.labels import CLASSES
 from covid_data.store import open_store
-from tests.conftest import SHARED
+from tests.conftest import SHARED, require_shared
 
 
 def run_adhoc(cli, params: dict) -> str:
@@ -64,17 +64,21 @@ def smoke_sized(model: str) -> dict:
     return {"input_size": 64, "epochs": 1, "fine_tune_epochs": 0, **weights}
 
 
-def promotable_params(source: Path, store: str, models: list[str] = TOP_THREE, ensemble: int = 0) -> dict:
+def promotable_params(
+    source: Path, store: str, models: list[str] = TOP_THREE, ensemble: int = 0, app: bool = True
+) -> dict:
     """Smoke-sized training under the cpu preset: its test set is not capped, so it may promote
-    (a smoke run never can). ``ensemble``: the preset's averaged ensemble (0: none)."""
+    (a smoke run never can). ``ensemble``: the preset's averaged ensemble (0: none); ``app``: build
+    the phone app bundle (the browser tests cover it; other end-to-end tests can spare its minute)."""
     training = {"models": models, "overrides": {m: smoke_sized(m) for m in models}, "max_parallel": 2}
     return {
         **smoke_params(source, store, **training, preset="cpu", ensemble=ensemble),
-        "publishing": {"int8": False},
+        "publishing": {"int8": False, "app": app},
     }
 
 
 def deploy_and_start(cli, tmp_path: Path) -> None:
+    require_shared(SHARED / "weights")  # MobileNetV2 trains on ImageNet weights in every end-to-end run
     cli.settings.update(COVID_WEIGHTS_DIR=str(SHARED / "weights"), COVID_CACHE_DIR=str(tmp_path / "cache"))
     cli.create_local_pool()
     cli.run("--no-prompt", "deploy", "--name", "retrain/adhoc")

@@ -79,7 +79,7 @@ def test_train_models_runs_the_trainings_on_dask_workers(prefect_server, cluster
 @pytest.mark.timeout(1200)  # a whole smoke run; over 600 s beside another test worker on 2 cores
 def test_retrain_smoke_preset_on_a_dask_cluster(prefect_server, cluster, tmp_path):
     from flows.retrain import retrain
-    from flows.retrain_params import DataParams, TrainingParams
+    from flows.retrain_params import DataParams, PublishingParams, TrainingParams
 
     source = make_kaggle_folder(tmp_path / "src", n_per_class=30, seed=71)
     before = _executed(cluster)
@@ -90,6 +90,7 @@ def test_retrain_smoke_preset_on_a_dask_cluster(prefect_server, cluster, tmp_pat
         training=TrainingParams(
             preset="smoke", models=["custom_cnn", "mobilenet_v2"], dask_address=cluster.scheduler_address
         ),
+        publishing=PublishingParams(app=False),  # what is under test is where the models train
         return_state=True,
     )
     assert state.is_completed(), state.message

@@ -69,3 +69,23 @@ def test_parity_sample_takes_every_class_in_turn_and_is_seeded():
     assert counts == {"COVID": 12, "Normal": 12, "Lung_Opacity": 5, "Viral Pneumonia": 3}
     assert parity_sample(frame, 32) == rows and parity_sample(frame, 32, seed=1) != rows
     assert sorted(parity_sample(frame, 500)) == list(range(len(frame)))  # more than there are: all of them
+
+
+def test_a_model_of_several_sources_has_a_by_source_table_and_one_source_has_none():
+    import numpy as np
+
+    from covid_models.metrics import split_metrics
+
+    # 6 main rows (5 right, 2 COVID of which 1 found) and 4 rows of "clinic-b" (all right, no COVID)
+    y = np.array([0, 0, 1, 2, 3, 1, 1, 2, 3, 2])
+    pred = np.array([0, 1, 1, 2, 3, 1, 1, 2, 3, 2])
+    probs = np.eye(4)[pred] * 0.9 + 0.025
+    sources = np.array(["main"] * 6 + ["clinic-b"] * 4)
+    config = {"input_size": 64, "weights": "none", "epochs": 1, "learning_rate": 1e-3, "fine_tune_layers": 0}
+    test = split_metrics(probs, y, sources)
+    card = model_card("custom_cnn", {"test": test}, config, {"version": "v"})
+    table = card.split("## By source", 1)[1].split("\n## ", 1)[0]
+    assert "| test | main | 6 | 83.3% (43.6-97.0%) | 50.0% of 2 |" in table
+    assert "| test | clinic-b | 4 | 100.0% (51.0-100.0%) | no COVID images |" in table
+    one = model_card("custom_cnn", {"test": split_metrics(probs, y, None)}, config, {"version": "v"})
+    assert "## By source" not in one

@@ -16,7 +16,7 @@ def test_every_retrain_parameter_is_a_cli_option(monkeypatch):
     monkeypatch.setattr(module, "retrain", _Recorder(seen))
     module.main(
         ["--preset", "smoke", "--split", "0.8,0.2,0", "--overrides", '{"vgg16": {"epochs": 2}}', "--no-int8"]
-        + ["--kaggle-secret-block", ""]
+        + ["--no-app", "--kaggle-secret-block", ""]
     )
     assert set(seen) == set(inspect.signature(retrain.fn).parameters)  # store and the four groups
     options = {a.dest for a in cli_parser()._actions}
@@ -24,7 +24,7 @@ def test_every_retrain_parameter_is_a_cli_option(monkeypatch):
         assert set(model.model_fields) <= options, f"not on the CLI: {group} {set(model.model_fields) - options}"
     data, training = seen["data"], seen["training"]
     assert data.split == (0.8, 0.2, 0.0) and training.overrides == {"vgg16": {"epochs": 2}}
-    assert seen["publishing"].int8 is False and data.kaggle_secret_block is None
+    assert seen["publishing"].int8 is False and seen["publishing"].app is False and data.kaggle_secret_block is None
 
 
 def test_profile_defaults_follow_the_source():
