@@ -43,6 +43,7 @@ FLAT_DEFAULTS = {
     "train_deployment": None,
     "dask_address": None,
     "int8": None,
+    "app": True,
     "champion_margin": 0.0,
     "covid_sensitivity_floor": 0.85,
     "require_significance": True,
