@@ -177,7 +177,8 @@ def app_guard(guard: dict[str, Any], split_uri: str) -> dict[str, Any]:
         images = sample_test_images(split_uri, INPUT_SIZE, 1, GUARD_CHECK_IMAGES, None)
         with tempfile.TemporaryDirectory(prefix="guard-fp16-") as tmp:
             sub = np.load(local_file(folder.uri_for("subspace.npz"), Path(tmp) / "subspace.npz"))
-            model = score_model(feature_model(guard["weights"]["file"]), sub["mean"], sub["basis"], batch_size=1)
+            features = feature_model(guard["weights"]["file"], guard.get("layer"))
+            model = score_model(features, sub["mean"], sub["basis"], batch_size=1)
             out = Path(tmp) / "guard.tflite"
             export_tflite(model, out, GUARD_PRECISION)
             ref = tflite_scores(local_file(guard["uri"], Path(tmp) / "f32.tflite"), images)

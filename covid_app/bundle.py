@@ -17,6 +17,7 @@ the run's ``run.json``; a run published where Node.js was missing gets it later 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -59,6 +60,9 @@ def app_unit(store: Store | str, run_id: str) -> Unit:
     return Unit(as_store(store), f"runs/{run_id}/app", MARKER)
 
 
+LOCK = ".dist.lock"  # in the app's folder: held while npm builds dist/
+
+
 def app_source() -> Path:
     return Path(os.environ.get("COVID_APP_SOURCE", APP_SOURCE))
 
@@ -72,7 +76,7 @@ def _stale(dist: Path) -> bool:
     if not built.is_file() or not (dist / "sw.js").is_file():
         return True
     skip = {"node_modules", "dist"}
-    sources = [p for p in app_source().rglob("*") if p.is_file() and not skip & set(p.parts)]
+    sources = [p for p in app_source().rglob("*") if p.is_file() and not skip & set(p.parts) and p.name != LOCK]
     return any(p.stat().st_mtime > built.stat().st_mtime for p in sources)
 
 
@@ -85,6 +89,17 @@ def ensure_dist() -> Path:
         raise AppBuildUnavailable(f"no built app at {dist} and no app sources at {source} to build it from")
     if not _stale(dist):
         return dist
+    # Two runs at once (or two test workers) must not build into the same folder together (npm's
+    # mkdir races): one builds, the other waits and finds it built.
+    with open(source / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return dist if not _stale(dist) else _build_dist(dist, source)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build_dist(dist: Path, source: Path) -> Path:
     npm = shutil.which("npm")
     if not npm or not shutil.which("node"):
         if (dist / "app.js").is_file() and (dist / "sw.js").is_file():

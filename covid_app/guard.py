@@ -72,11 +72,13 @@ def _weights() -> Path | str:
         raise GuardUnavailableError(f"the out-of-distribution guard needs ImageNet MobileNetV2 weights: {e}") from e
 
 
-def feature_model(weights: Path | str, layer: str = LAYER):
+def feature_model(weights: Path | str, layer: str | None = None):
     """Image (0..255, grey, ``INPUT_SIZE`` px) -> L2-normalised pooled MobileNetV2 features, taken at
-    ``layer`` (the backbone's last blocks hold most of its weights, and the phone downloads them)."""
+    ``layer`` (default ``LAYER``; the backbone's last blocks hold most of its weights, and the phone
+    downloads them)."""
     import keras
 
+    layer = layer or LAYER
     inp = keras.Input((INPUT_SIZE, INPUT_SIZE, 1), name="image")
     x = preprocess_layer("tf", 1)(inp)  # MobileNetV2's preprocess_input, grey -> RGB
     try:
@@ -140,6 +142,7 @@ def _features_and_cues(model, paths: list[str]) -> tuple[np.ndarray, dict[str, n
 def guard_key(weights_sha256: str) -> str:
     ident = {
         "size": INPUT_SIZE,
+        "layer": LAYER,
         "components": COMPONENTS,
         "quantile": QUANTILE,
         "weights": weights_sha256,
@@ -186,6 +189,7 @@ def ensure_guard(store: Store | str, split_uri: str, split_hash: str) -> dict[st
             "method": METHOD,
             "input_size": INPUT_SIZE,
             "channels": 1,
+            "layer": LAYER,
             "components": int(basis.shape[1]),
             "quantile": QUANTILE,
             "threshold": threshold,

@@ -10,7 +10,7 @@ import pytest
 from covid_data.store import open_store
 from covid_eval.leaderboard import leaderboard
 from flows.retrain import retrain
-from flows.retrain_params import DataParams, TrainingParams
+from flows.retrain_params import DataParams, PublishingParams, TrainingParams
 from tests.conftest import SHARED, make_kaggle_folder
 
 pytestmark = pytest.mark.slow
@@ -29,7 +29,9 @@ def test_smoke_retrain_ranks_survives_a_failed_model_and_reuses(prefect_server, 
     # inception_v3 cannot take the smoke preset's 64px: its training fails, the other three go on.
     models = ["custom_cnn", "mobilenet_v2", "vgg16", "inception_v3"]
     data, training = DataParams(source=str(source), profile="any"), TrainingParams(preset="smoke", models=models)
-    out = retrain(store=store, data=data, training=training)
+    # No app bundle: the browser tests' published run builds one through this flow (about a minute here).
+    publishing = PublishingParams(app=False)
+    out = retrain(store=store, data=data, training=training, publishing=publishing)
     s = open_store(store)
     run = f"runs/{out['run_id']}"
     out_data = json.loads(s.read_text(f"{run}/run.json"))["dataset"]
@@ -62,7 +64,7 @@ def test_smoke_retrain_ranks_survives_a_failed_model_and_reuses(prefect_server, 
     assert not s.exists("champion.json")  # a partly failed (and capped) run never promotes
     assert len(s.list("champion/history")) == 1  # but the decision is recorded
 
-    again = retrain(store=store, data=data, training=training)
+    again = retrain(store=store, data=data, training=training, publishing=publishing)
     assert again["run_id"] != out["run_id"]
     status = {r["model"]: r["status"] for r in again["leaderboard"]}
     assert status == {"custom_cnn": "cached", "mobilenet_v2": "cached", "vgg16": "cached", "inception_v3": "failed"}
