@@ -1,8 +1,9 @@
 """The phone app's TFLite precisions: bytes, and agreement with the float32 Keras model on a whole test split.
 
 For each stored model slot given (``--model-uri``, repeatable; calibrated with ``--temperature`` in the same
-order, default 1), the model is converted to TFLite at float32, float16 and dynamic-range int8 weights
-(``covid_registry.convert.export_tflite``, what the exports and the app bundle use) and each file is run
+order, default 1), the model is converted to TFLite at float32, float16, dynamic-range int8 weights and
+int8 dense weights only (``covid_registry.convert.export_tflite``, what the exports and the app bundle
+use) and each file is run
 on every test image of ``--split`` (the pipeline's own decoding and resizing) against the float32 Keras
 model: largest |Δp| over images and classes, and top-1 agreement. ``--arch name@size`` adds an untrained
 model of that architecture (ImageNet backbone where the weights file exists): its bytes only, since the
@@ -23,8 +24,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import MOBILENET_V2_WEIGHTS, OUT_DIR, machine_info, machine_line, write_json
-
-PRECISIONS = ("float32", "float16", "int8")
+from covid_registry.convert import TFLITE_PRECISIONS as PRECISIONS  # float32 first
 
 
 def test_images(split: str, size: int, channels: int) -> np.ndarray:
@@ -93,13 +93,13 @@ def main() -> None:
                     f"| {r['max_prob_diff']:.2e} | {r['top1_agreement']:.4f} |"
                 )
     if res["architectures"]:
-        print("\n| architecture | input | parameters | float32 MB | float16 MB | int8 MB |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print("\n| architecture | input | parameters | float32 MB | float16 MB | int8 MB | int8-dense MB |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for a in res["architectures"]:
             b = a["bytes"]
             print(
                 f"| {a['model']} | {a['input_size']} px | {a['params']:,} | {b['float32'] / 1e6:.1f} "
-                f"| {b['float16'] / 1e6:.1f} | {b['int8'] / 1e6:.1f} |"
+                f"| {b['float16'] / 1e6:.1f} | {b['int8'] / 1e6:.1f} | {b['int8-dense'] / 1e6:.1f} |"
             )
 
 

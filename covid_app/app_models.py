@@ -1,9 +1,11 @@
-"""The phone app's model files: int8 TFLite exports of the run's top models, and an ensemble computed
-in the page from its members' files (no file of its own), each checked against its float32 Keras model.
+"""The phone app's model files: the smallest TFLite export of each of the run's top models within its
+bounds, and an ensemble computed in the page from its members' files (no file of its own), each checked
+against its float32 Keras model.
 
-``app_tflite`` asks ``covid_registry.exports`` for the model's ``tflite-int8`` variant (converted once,
-stored beside the model as its own unit, its largest |Δp| and top-1 agreement on real test images
-bounded). An ensemble's members are converted with the temperature each has in the ensemble, and the
+``app_tflite`` asks ``covid_registry.exports`` for the model's ``tflite-int8`` variant, then the wider
+ones (each converted once, stored beside the model as its own unit, its largest |Δp| and top-1
+agreement on real test images bounded), and ships the first within its bounds. An ensemble's members are
+converted with the temperature each has in the ensemble, and the
 page averages their probabilities and applies the ensemble's temperature: the computation of its
 Keras graph (``covid_models.ensemble``), which :func:`ensemble_check` compares on the same images.
 """
@@ -30,10 +32,13 @@ from covid_registry.convert import (
     tflite_probabilities,
 )
 from covid_registry.exports import ensure_exports, sample_test_images
+from covid_registry.tflite_weights import dense_weight_share
 
 log = logging.getLogger(__name__)
-# The export variants the page may run, smallest first: the first within its bounds is shipped.
-APP_TFLITE_ORDER = ("tflite-int8", "tflite-fp16", "tflite")
+# The export variants the page may run, smallest first: the first within its bounds is shipped. Where
+# int8 dense weights (a quarter of the dense bytes) go between float16 (half of all) and float32 depends
+# on the model's share of dense weights: see app_variants.
+APP_TFLITE_ORDER = ("tflite-int8", "tflite-int8-dense", "tflite-fp16", "tflite")
 PARITY_IMAGES = 32
 EPS = 1e-7  # as covid_eval.calibration and covid_models.ensemble clip probabilities
 
@@ -50,11 +55,24 @@ def _temperature(e: dict[str, Any]) -> float:
     return float(tfl.get("temperature", (e.get("calibration") or {}).get("temperature", 1.0)))
 
 
+def app_variants(dense_share: float) -> list[str]:
+    """The variants to try for a model whose dense kernels are ``dense_share`` of its weights, in the
+    order of their expected bytes (of the float32 file): int8 about 1/4, int8-dense ``1 - 3/4 share``,
+    float16 1/2, float32 1. Without dense weights to compress, int8-dense would be the float32 file."""
+    order = list(APP_TFLITE_ORDER)
+    if dense_share <= 0:
+        order.remove("tflite-int8-dense")
+    elif 1 - 0.75 * dense_share > 0.5:  # dense weights are under two thirds: float16 is smaller
+        order.remove("tflite-int8-dense")
+        order.insert(order.index("tflite-fp16") + 1, "tflite-int8-dense")
+    return order
+
+
 def app_tflite(model_uri: str, temperature: float, split_uri: str, version: str) -> dict[str, Any]:
-    """The TFLite file the page downloads for a model: the smallest of its int8, float16 and float32
-    exports whose agreement with the float32 Keras model on real test images is within its bounds
-    (each converted once and stored beside the model as its own unit)."""
-    for variant in APP_TFLITE_ORDER:
+    """The TFLite file the page downloads for a model: the smallest of its int8, int8-dense, float16 and
+    float32 exports whose agreement with the float32 Keras model on real test images is within its
+    bounds (each converted once and stored beside the model as its own unit)."""
+    for variant in app_variants(dense_weight_share(StoredModel(model_uri).keras())):
         rec = ensure_exports(
             model_uri,
             [variant],

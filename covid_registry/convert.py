@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from covid_data.labels import CLASSES
+from covid_registry.tflite_weights import int8_dense_weights
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,11 @@ TFLITE_MAX_PROB_DIFF = 1e-3  # float32 TFLite against Keras on the same images
 # The phone app's smaller TFLite files, against the float32 Keras model on the same real test images:
 # float16 weights (half the bytes) and dynamic-range int8 weights (a quarter). Each bounds the largest
 # probability difference and the share of images whose top class changes (1 - top-1 agreement).
-TFLITE_PRECISIONS = ("float32", "float16", "int8")
-TFLITE_COMPACT_MAX_PROB_DIFF = {"float16": 1e-2, "int8": 0.1}
-TFLITE_COMPACT_MIN_TOP1_AGREEMENT = {"float16": 1.0, "int8": 0.9}
+# ``int8-dense``: int8 weights in the dense layers only, computed in float32 (covid_registry.tflite_weights);
+# like float16 it quantises no activation, and it is held to float16's bounds.
+TFLITE_PRECISIONS = ("float32", "float16", "int8", "int8-dense")
+TFLITE_COMPACT_MAX_PROB_DIFF = {"float16": 1e-2, "int8": 0.1, "int8-dense": 1e-2}
+TFLITE_COMPACT_MIN_TOP1_AGREEMENT = {"float16": 1.0, "int8": 0.9, "int8-dense": 1.0}
 COREML_MAX_PROB_DIFF = 2e-2  # fp16 Core ML against float32 Keras
 # 8-bit weights move probabilities by a few points (checked where the Core ML runtime exists: macOS).
 COREML_INT8_MAX_PROB_DIFF = 0.05
@@ -276,11 +279,12 @@ def coreml_parity(package: Path, keras_model, images: np.ndarray) -> float:
 def export_tflite(keras_model, out: Path, precision: str = "float32") -> ExportRecord:
     """A TFLite flatbuffer of the whole model (preprocessing included), input ``[1, H, W, C]``.
 
-    ``precision``: ``float32``; ``float16`` (weights stored as float16, computed in float32); or
+    ``precision``: ``float32``; ``float16`` (weights stored as float16, computed in float32);
     ``int8`` (dynamic-range quantisation: weights stored as int8 with a scale per channel, activations
-    float32). The batch dimension is fixed at 1: LiteRT.js (the phone app's runtime) refuses a
-    ``[1, H, W, C]`` tensor for a model whose input is ``[-1, H, W, C]``. The converter's output
-    (hundreds of ``TensorSpec`` lines, absl logs) goes to ``<out>.log``.
+    quantised on the fly); or ``int8-dense`` (the dense layers' weights alone as int8, computed in
+    float32: covid_registry.tflite_weights). The batch dimension is fixed at 1: LiteRT.js (the phone
+    app's runtime) refuses a ``[1, H, W, C]`` tensor for a model whose input is ``[-1, H, W, C]``. The
+    converter's output (hundreds of ``TensorSpec`` lines, absl logs) goes to ``<out>.log``.
     """
     import keras
     import tensorflow as tf
@@ -291,13 +295,28 @@ def export_tflite(keras_model, out: Path, precision: str = "float32") -> ExportR
     fixed = keras.Model(inp, keras_model(inp), name=keras_model.name)
     with converter_output(log_beside(out), "TFLite converter"):
         converter = tf.lite.TFLiteConverter.from_keras_model(fixed)
-        if precision != "float32":
+        if precision in ("float16", "int8"):
             converter.optimizations = [tf.lite.Optimize.DEFAULT]  # without a dataset: dynamic range
         if precision == "float16":
             converter.target_spec.supported_types = [tf.float16]
         flatbuffer = converter.convert()
+    if precision == "int8-dense":
+        flatbuffer = _int8_dense(flatbuffer, out)
     out.write_bytes(flatbuffer)
     return ExportRecord("tflite", str(out), out.stat().st_size, precision)
+
+
+def int8_dense_from_float32(float32_file: Path, out: Path) -> ExportRecord:
+    """The ``int8-dense`` file of a float32 TFLite file (no second conversion: the same graph, its
+    dense weights rounded to int8)."""
+    out.write_bytes(_int8_dense(Path(float32_file).read_bytes(), out))
+    return ExportRecord("tflite", str(out), out.stat().st_size, "int8-dense")
+
+
+def _int8_dense(flatbuffer: bytes, out: Path) -> bytes:
+    flatbuffer, quantised = int8_dense_weights(flatbuffer)
+    log.info("%s: %d dense weight tensors stored as int8", out.name, quantised)
+    return flatbuffer
 
 
 def tflite_probabilities(tflite_path: Path, images: np.ndarray) -> np.ndarray:

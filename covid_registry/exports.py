@@ -2,8 +2,9 @@
 
 Each format is its own stored unit under the model's slot, ``exports/<variant>[-t<temperature>]/`` with
 ``export.json`` written last: ``coreml`` (fp16 ML Program), ``coreml-int8`` (8-bit weights),
-``tflite`` (float32), and the phone app's smaller TFLite files ``tflite-fp16`` (float16 weights) and
-``tflite-int8`` (dynamic-range int8 weights), each checked against the float32 Keras model (largest
+``tflite`` (float32), and the phone app's smaller TFLite files ``tflite-fp16`` (float16 weights),
+``tflite-int8`` (dynamic-range int8 weights) and ``tflite-int8-dense`` (int8 weights in the dense layers
+only, computed in float32), each checked against the float32 Keras model (largest
 probability difference and top-1 agreement on real test images: a float32 file outside its bound is an
 error; a smaller one is stored with ``within_bounds`` false, and the app ships a wider precision). A run
 that needs a
@@ -38,14 +39,20 @@ from covid_registry.convert import (
     convert_coreml,
     coreml_parity,
     export_tflite,
+    int8_dense_from_float32,
     tflite_probabilities,
 )
 
 log = logging.getLogger(__name__)
 
 MARKER = "export.json"
-VARIANTS = ("coreml", "coreml-int8", "tflite", "tflite-fp16", "tflite-int8")
-TFLITE_VARIANTS = {"tflite": "float32", "tflite-fp16": "float16", "tflite-int8": "int8"}
+VARIANTS = ("coreml", "coreml-int8", "tflite", "tflite-fp16", "tflite-int8", "tflite-int8-dense")
+TFLITE_VARIANTS = {
+    "tflite": "float32",
+    "tflite-fp16": "float16",
+    "tflite-int8": "int8",
+    "tflite-int8-dense": "int8-dense",
+}
 
 
 def export_prefix(variant: str, temperature: float = 1.0) -> str:
@@ -87,8 +94,20 @@ def sample_test_images(split_uri: str, input_size: int, channels: int, n: int, m
     return next(iter(ds.take(1)))[0].numpy()
 
 
-def _convert(variant: str, model, name: str, tmp: Path, *, version: str, metrics: dict, images: np.ndarray) -> dict:
-    """Convert and check one variant into ``tmp``; the record of what was made."""
+def _convert(
+    variant: str,
+    model,
+    name: str,
+    tmp: Path,
+    *,
+    version: str,
+    metrics: dict,
+    images: np.ndarray,
+    float32_file: Path | None = None,
+) -> dict:
+    """Convert and check one variant into ``tmp``; the record of what was made. ``float32_file``: the
+    model's stored float32 TFLite file at the same temperature, which ``tflite-int8-dense`` is made from
+    without converting again."""
     if variant.startswith("coreml"):
         q = "int8" if variant == "coreml-int8" else None
         file = f"{name}{'-int8' if q else ''}.mlpackage"
@@ -109,7 +128,10 @@ def _convert(variant: str, model, name: str, tmp: Path, *, version: str, metrics
         return {"file": file, "bytes": rec.bytes, "precision": rec.precision, "checks": checks}
     precision = TFLITE_VARIANTS[variant]
     file = f"{name}.tflite" if precision == "float32" else f"{name}-{precision}.tflite"
-    rec = export_tflite(model, tmp / file, precision)
+    if precision == "int8-dense" and float32_file is not None:
+        rec = int8_dense_from_float32(float32_file, tmp / file)
+    else:
+        rec = export_tflite(model, tmp / file, precision)
     found = agreement(tflite_probabilities(Path(rec.path), images), model.predict(images, verbose=0))
     diff, top1 = found["max_prob_diff"], found["top1_agreement"]
     bound = TFLITE_MAX_PROB_DIFF if precision == "float32" else TFLITE_COMPACT_MAX_PROB_DIFF[precision]
@@ -172,7 +194,10 @@ def ensure_exports(
     images = sample_test_images(split_uri, stored.input_size, stored.channels, parity_images, max_per_class)
     for v in todo:
         with tempfile.TemporaryDirectory(prefix=f"export-{v}-") as tmp:
-            rec = _convert(v, model, name, Path(tmp), version=version, metrics=metrics, images=images)
+            float32 = _float32_file(model_uri, temperature, Path(tmp)) if v == "tflite-int8-dense" else None
+            rec = _convert(
+                v, model, name, Path(tmp), version=version, metrics=metrics, images=images, float32_file=float32
+            )
             slot = slots[v]
             slot.put_tree(rec["file"], Path(tmp) / rec["file"])
             slot.complete(
@@ -182,6 +207,16 @@ def ensure_exports(
         records[v] = slot.record()
         log.info("exported %s as %s: %.1f MB", name, v, records[v]["bytes"] / 1e6)
     return {v: _with_uri(slots[v], r) for v, r in records.items()}
+
+
+def _float32_file(model_uri: str, temperature: float, tmp: Path) -> Path | None:
+    """A local copy (or path) of the model's complete float32 TFLite export at ``temperature``, if any."""
+    slot = export_slot(model_uri, "tflite", temperature)
+    rec = slot.record()
+    if rec is None:
+        return None
+    key = slot.key(rec["file"])
+    return slot.store.local_path(key) or slot.store.get_file(key, tmp / "float32" / rec["file"])
 
 
 def _with_uri(slot: Unit, record: dict[str, Any]) -> dict[str, Any]:

@@ -264,3 +264,52 @@ def test_a_float16_guard_outside_its_bounds_ships_the_float32_guard(bundle, smal
 
     monkeypatch.setattr(app_models, "export_tflite", no_conversion)
     assert app_models.app_guard(g, small_split) == small
+
+
+def test_the_page_runs_an_int8_dense_file_as_python_does(bundle, tmp_path):
+    """In Chromium: a model file whose dense weights are int8 behind DEQUANTIZE ops (``int8-dense``, what
+    the app ships for a fine-tuned MobileNetV2 with the paper's head) gives the page the probabilities
+    Python's interpreter gives. The ensemble's MobileNetV2 member (48 px: a 5,120 x 256 flatten-dense
+    kernel) is served as a model of its own from a copy of the bundle (a complete bundle is never
+    rewritten)."""
+    import shutil
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    import tensorflow as tf
+    from playwright.sync_api import sync_playwright
+
+    from covid_app.serve import handler_for
+    from covid_registry.convert import export_tflite
+    from tests.app_browser import CHROMIUM, CHROMIUM_ARGS, PHONE, _classify, _python_probs, _require_browser
+    from tests.conftest import sample_files
+
+    _require_browser()
+    app = tmp_path / "runs" / "r1" / "app"
+    shutil.copytree(bundle["app"], app)
+    member = bundle["members"][0]
+    model = calibrated_model(StoredModel(member["out"]).keras(), member["temperature"])
+    rec = export_tflite(model, app / "models" / "mnv2-int8-dense.tflite", "int8-dense")
+    tensors = tf.lite.Interpreter(model_path=rec.path).get_tensor_details()
+    assert any(t["dtype"] == np.int8 for t in tensors) and not any(t["dtype"] == np.float16 for t in tensors)
+    data = json.loads((app / "data" / "app.json").read_text())
+    cnn = next(m for m in data["models"] if m["name"] == "custom_cnn")
+    entry = {**cnn, "name": "mnv2_int8_dense", "file": "models/mnv2-int8-dense.tflite", "input_size": 48}
+    entry |= {"bytes": rec.bytes, "precision": "int8-dense", "rank": len(data["models"]) + 1, "champion": False}
+    data["models"].append(entry)
+    (app / "data" / "app.json").write_text(json.dumps(data))
+    image = next(iter(sample_files(1, seed=6).values()))[0]
+    ref = _python_probs(Path(rec.path), image, 48, 1)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(open_store(str(tmp_path)), "runs/r1/app"))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_context(viewport=PHONE, service_workers="block").new_page()
+            page.goto(f"http://127.0.0.1:{server.server_port}/")
+            page.wait_for_selector("body[data-ready='true']", timeout=60_000)
+            shown = _classify(page, image, "mnv2_int8_dense")
+            browser.close()
+    finally:
+        server.shutdown()
+    assert np.abs(shown - ref).max() <= 1e-5, (shown, ref)
