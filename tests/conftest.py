@@ -42,8 +42,8 @@ CLASSES = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 # last would leave the other worker idle while it runs.
 SLOWEST_FIRST = (
     "test_app_browser.py", "test_crash_safety.py", "test_e2e_retrain.py", "test_retrain_flow.py",
-    "test_training.py", "test_dask.py", "test_e2e_gcs.py", "test_e2e_fanout.py", "test_concurrent_runs.py",
-    "test_fanout.py", "test_app_size.py", "test_lock_after_kill.py",
+    "test_e2e_fanout.py", "test_concurrent_runs.py", "test_dask.py", "test_training.py", "test_app_size.py",
+    "test_fanout.py", "test_e2e_gcs.py", "test_lock_after_kill.py",
 )  # fmt: skip
 
 
