@@ -87,16 +87,15 @@ def ensure_dist() -> Path:
         if (dist / "app.js").is_file():
             return dist
         raise AppBuildUnavailable(f"no built app at {dist} and no app sources at {source} to build it from")
-    if not _stale(dist):
-        return dist
-    # Two runs at once (or two test workers) must not build into the same folder together (npm's
-    # mkdir races): one builds, the other waits and finds it built.
-    with open(source / LOCK, "a") as lock:
+    # Two runs at once (or two test workers) must neither build into the same folder together (npm's
+    # mkdir races) nor take a folder that is half built: one builds under the lock, the other waits.
+    try:
+        lock = open(source / LOCK, "a")  # noqa: SIM115 (held across the build below)
+    except OSError:  # a read-only checkout: nothing can be built here, so nothing can race
+        return dist if not _stale(dist) else _build_dist(dist, source)
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return dist if not _stale(dist) else _build_dist(dist, source)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        return dist if not _stale(dist) else _build_dist(dist, source)
 
 
 def _build_dist(dist: Path, source: Path) -> Path:
@@ -109,6 +108,7 @@ def _build_dist(dist: Path, source: Path) -> Path:
     steps = [[npm, "run", "build"]]
     if not (source / "node_modules").is_dir():
         steps.insert(0, [npm, "ci", "--no-audit", "--no-fund"])
+    log.info("building the app's page in %s: %s", source, " && ".join(" ".join(c[1:]) for c in steps))
     for cmd in steps:
         done = subprocess.run(cmd, cwd=source, capture_output=True, text=True)
         if done.returncode != 0:

@@ -3,7 +3,10 @@ types files, and which run ``make app`` serves."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from covid_app import bundle, serve
 from covid_data.store import open_store
 from covid_registry.convert import DISCLAIMER
+from tests.conftest import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +42,29 @@ def test_a_built_page_is_used_without_node(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setenv("COVID_APP_SOURCE", str(src))
     assert bundle.ensure_dist() == src / "dist"
+
+
+def test_two_processes_needing_the_page_at_once_build_it_once(tmp_path):
+    """Two runs (or test workers) that find the page unbuilt at the same moment: one builds it while the
+    other waits on the lock and then uses it (before the lock, both ran npm into one dist/ and one
+    failed with EEXIST)."""
+    if not (shutil.which("npm") and shutil.which("node") and (REPO / "app" / "node_modules").is_dir()):
+        skip_or_fail("needs Node.js, npm and app/node_modules (make app-build)")
+    src = tmp_path / "app"
+    shutil.copytree(REPO / "app", src, ignore=shutil.ignore_patterns("node_modules", "dist", bundle.LOCK))
+    (src / "node_modules").symlink_to(REPO / "app" / "node_modules")
+    (tmp_path / "covid_data").mkdir()  # the page imports the pipeline's table of DICOM transfer syntaxes
+    shutil.copyfile(REPO / "covid_data" / "transfer_syntaxes.json", tmp_path / "covid_data" / "transfer_syntaxes.json")
+    code = "import logging; logging.basicConfig(level=logging.INFO); from covid_app import bundle; bundle.ensure_dist()"
+    env = {**os.environ, "COVID_APP_SOURCE": str(src), "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("building the app's page" in o for o in outs) == 1, outs
+    assert (src / "dist" / "app.js").is_file() and (src / "dist" / "sw.js").is_file()
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
-"""End to end: prefect.yaml deployed to a real Prefect server, `retrain/adhoc` run by a real worker,
-twice: the second run reuses every model and keeps the champion. Without the app bundle (the
-browser tests and the smoke flow test build it): what is under test is the deployment."""
+"""End to end: prefect.yaml deployed to a real Prefect server, `retrain/adhoc` run by a real worker
+into a bucket of the gcp-storage-emulator, twice: the second run reuses every model and keeps the
+champion. Without the app bundle (the browser tests and the crash-safety test build it, through the
+same store units): what is under test is the deployment and the store."""
 
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 
@@ -17,12 +19,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(1800)  # two runs of two models and an ensemble: over 600 s beside another test worker
-def test_retrain_adhoc_deployment_end_to_end(prefect_cli, tmp_path):
+def test_retrain_adhoc_deployment_end_to_end_on_gcs(gcs_emulator, prefect_cli, tmp_path):
     cli = prefect_cli
     cli.seen_runs = set()
     deploy_and_start(cli, tmp_path)
     source = make_kaggle_folder(tmp_path / "src", n_per_class=30, seed=61)
-    store = str(tmp_path / "store")
+    store = f"gs://covid-test/e2e-{uuid.uuid4().hex[:8]}"
     params = promotable_params(source, store, models=["custom_cnn", "mobilenet_v2"], ensemble=2, app=False)
     first = check_run(cli, store, run_adhoc(cli, params), tmp_path)
     assert {r["status"] for r in first["board"]} == {"trained"}
@@ -30,6 +32,10 @@ def test_retrain_adhoc_deployment_end_to_end(prefect_cli, tmp_path):
     assert "average of the calibrated probabilities of" in ensemble["weights"] and len(first["board"]) == 3
     assert first["record"]["app"] == {"status": "skipped", "reason": "publishing.app is off"}
     assert not open_store(store).list(f"runs/{first['record']['run_id']}/app")  # no bundle was written
+    s = open_store(store)
+    assert s.exists(f"runs/{first['record']['run_id']}/leaderboard.md") and len(first["record"]["exports"]) == 3
+    slots = sorted(k.split("/")[2].split("-")[0] for k in s.list("models") if k.endswith("/model.keras"))
+    assert slots == ["custom_cnn", "ensemble", "mobilenet_v2"]  # every slot is in the bucket
     champion = json.loads(open_store(store).read_text("champion.json"))
     assert champion["run_id"] == first["record"]["run_id"] and champion["model"] == first["board"][0]["model"]
 
