@@ -58,6 +58,12 @@ def int8_dense_weights(flatbuffer: bytes) -> tuple[bytes, int]:
     weight tensors were quantised). Raises ``ValueError`` on a file that is not float32 where it edits."""
     schema, fb = _schema()
     model = fb.read_model_from_bytearray(bytearray(flatbuffer))
+    # A buffer that several tensors share (the converter merges equal constants) is left float32: the
+    # other tensors would read its new int8 bytes as float32.
+    users: dict[int, int] = {}
+    for graph in model.subgraphs:
+        for tensor in graph.tensors:
+            users[tensor.buffer] = users.get(tensor.buffer, 0) + 1
     dequantize = None
     done = 0
     for graph in model.subgraphs:
@@ -70,6 +76,8 @@ def int8_dense_weights(flatbuffer: bytes) -> tuple[bytes, int]:
             data = model.buffers[tensor.buffer].data
             if tensor.type != schema.TensorType.FLOAT32 or data is None or len(data) // 4 < MIN_ELEMENTS:
                 continue  # a weight computed at run time, already compact, or small
+            if users[tensor.buffer] > 1:
+                continue
             if len(tensor.shape) != 2:
                 raise ValueError(f"dense weights {tensor.name!r} of shape {list(tensor.shape)} are not [out, in]")
             w = np.frombuffer(bytes(data), dtype=np.float32).reshape(tensor.shape)
@@ -101,10 +109,15 @@ def dense_weight_share(keras_model) -> float:
     kernels of its Dense layers with at least ``MIN_ELEMENTS`` values, nested models included)."""
     import keras
 
+    def layers(layer):
+        yield layer
+        for sub in getattr(layer, "layers", []):  # a nested model (a transfer backbone) and its layers
+            yield from layers(sub)
+
     total = sum(int(np.prod(w.shape)) for w in keras_model.weights)
     dense = sum(
         int(np.prod(layer.kernel.shape))
-        for layer in keras_model._flatten_layers(include_self=False, recursive=True)
+        for layer in layers(keras_model)
         if isinstance(layer, keras.layers.Dense) and int(np.prod(layer.kernel.shape)) >= MIN_ELEMENTS
     )
     return dense / total if total else 0.0
