@@ -10,6 +10,7 @@ ensemble computed from its members' files as the page computes it, against its K
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -99,6 +100,32 @@ def monkeypatch_module():
     mp = pytest.MonkeyPatch()
     yield mp
     mp.undo()
+
+
+@contextlib.contextmanager
+def served_page(store_root: Path, prefix: str):
+    """A phone-sized Chromium page (no service worker) on a loopback server of the bundle at ``prefix``
+    in the store at ``store_root``, ready to classify."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from playwright.sync_api import sync_playwright
+
+    from covid_app.serve import handler_for
+    from tests.app_browser import CHROMIUM, CHROMIUM_ARGS, PHONE
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(open_store(str(store_root)), prefix))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_context(viewport=PHONE, service_workers="block").new_page()
+            page.goto(f"http://127.0.0.1:{server.server_port}/")
+            page.wait_for_selector("body[data-ready='true']", timeout=60_000)
+            yield page
+            browser.close()
+    finally:
+        server.shutdown()
 
 
 def _worker_list(app: Path) -> list[dict]:
@@ -205,39 +232,24 @@ def test_int8_files_are_a_quarter_and_agree_with_float32_keras(bundle):
 def test_the_page_computes_the_ensemble_from_its_members_as_python_does(bundle):
     """In Chromium: the page's probabilities for the ensemble (its members' files, resized inputs,
     averaged, its temperature) and for an int8 model equal Python's on the same files and image."""
-    import threading
-    from http.server import ThreadingHTTPServer
 
-    from playwright.sync_api import sync_playwright
-
-    from covid_app.serve import handler_for
     from covid_models.data import decode_resize
-    from tests.app_browser import CHROMIUM, CHROMIUM_ARGS, PHONE, _classify, _python_probs, _require_browser
+    from tests.app_browser import _classify, _python_probs, _require_browser
     from tests.conftest import sample_files
 
     _require_browser()
     app, data = bundle["app"], bundle["data"]
     image = next(iter(sample_files(1, seed=5).values()))[0]
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(open_store(str(app.parent)), "app"))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_context(viewport=PHONE, service_workers="block").new_page()
-            page.goto(f"http://127.0.0.1:{server.server_port}/")
-            page.wait_for_selector("body[data-ready='true']", timeout=60_000)
-            for m in data["models"]:
-                shown = _classify(page, image, m["name"])
-                if m.get("members"):
-                    x = decode_resize(str(image), m["input_size"], 1).numpy().astype("float32")[None]
-                    files = [app / q["file"] for q in m["members"]]
-                    ref = ensemble_probabilities(files, [q["input_size"] for q in m["members"]], m["temperature"], x)[0]
-                else:
-                    ref = _python_probs(app / m["file"], image, m["input_size"], m["channels"])
-                assert np.abs(shown - ref).max() <= 1e-5, (m["name"], shown, ref)
-            browser.close()
-    finally:
-        server.shutdown()
+    with served_page(app.parent, "app") as page:
+        for m in data["models"]:
+            shown = _classify(page, image, m["name"])
+            if m.get("members"):
+                x = decode_resize(str(image), m["input_size"], 1).numpy().astype("float32")[None]
+                files = [app / q["file"] for q in m["members"]]
+                ref = ensemble_probabilities(files, [q["input_size"] for q in m["members"]], m["temperature"], x)[0]
+            else:
+                ref = _python_probs(app / m["file"], image, m["input_size"], m["channels"])
+            assert np.abs(shown - ref).max() <= 1e-5, (m["name"], shown, ref)
 
 
 def test_a_float16_guard_outside_its_bounds_ships_the_float32_guard(bundle, small_split, tmp_path, monkeypatch):
@@ -273,15 +285,11 @@ def test_the_page_runs_an_int8_dense_file_as_python_does(bundle, tmp_path):
     kernel) is served as a model of its own from a copy of the bundle (a complete bundle is never
     rewritten)."""
     import shutil
-    import threading
-    from http.server import ThreadingHTTPServer
 
     import tensorflow as tf
-    from playwright.sync_api import sync_playwright
 
-    from covid_app.serve import handler_for
     from covid_registry.convert import export_tflite
-    from tests.app_browser import CHROMIUM, CHROMIUM_ARGS, PHONE, _classify, _python_probs, _require_browser
+    from tests.app_browser import _classify, _python_probs, _require_browser
     from tests.conftest import sample_files
 
     _require_browser()
@@ -300,16 +308,6 @@ def test_the_page_runs_an_int8_dense_file_as_python_does(bundle, tmp_path):
     (app / "data" / "app.json").write_text(json.dumps(data))
     image = next(iter(sample_files(1, seed=6).values()))[0]
     ref = _python_probs(Path(rec.path), image, 48, 1)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler_for(open_store(str(tmp_path)), "runs/r1/app"))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-            page = browser.new_context(viewport=PHONE, service_workers="block").new_page()
-            page.goto(f"http://127.0.0.1:{server.server_port}/")
-            page.wait_for_selector("body[data-ready='true']", timeout=60_000)
-            shown = _classify(page, image, "mnv2_int8_dense")
-            browser.close()
-    finally:
-        server.shutdown()
+    with served_page(tmp_path, "runs/r1/app") as page:
+        shown = _classify(page, image, "mnv2_int8_dense")
     assert np.abs(shown - ref).max() <= 1e-5, (shown, ref)
