@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -313,10 +314,28 @@ def _train_on_deployment(
         except BaseException as e:
             # The parent is cancelled, interrupted or broken: its children must not train on unowned.
             logger.warning("cancelling %d unfinished child flow runs: %s", len(active), str(e) or type(e).__name__)
-            for child in active.values():
-                cancel(child, f"train_models: the parent flow run {parent} was cancelled or failed")
+            why = f"train_models: the parent flow run {parent} was cancelled or failed"
+            _cancel_each(list(active.values()), lambda child: cancel(child, why))
             raise
     return [records[i] for i in range(len(configs))]
+
+
+def _cancel_each(children: list[_Child], cancel: Callable[[_Child], None]) -> None:
+    """Cancel every child even if this process is told to stop meanwhile. A cancelled parent gets
+    SIGTERM from its runner at about the moment its own poll sees the cancellation, and Prefect raises
+    that as a BaseException wherever the main thread is: mid-loop, it would leave the rest of the
+    children training. The interruption is held, the child it hit is cancelled again, and it is
+    raised once all are done (the runner's SIGKILL follows only after a grace period)."""
+    held: BaseException | None = None
+    for child in children:
+        for _ in range(2):
+            try:
+                cancel(child)
+                break
+            except BaseException as stop:  # noqa: BLE001 - re-raised below
+                held = held or stop
+    if held is not None:
+        raise held
 
 
 class _ParentCancelled(RuntimeError):

@@ -140,6 +140,31 @@ def test_local_runner_is_bounded_not_waves_isolates_failures_and_reuses(
     ]
 
 
+def test_children_are_all_cancelled_when_the_parent_is_terminated_midway():
+    """The runner's SIGTERM reaches a cancelled parent as Prefect's TerminationSignal, at about the
+    moment its poll sees the cancellation: raised inside the first child's cancel call (the signal
+    itself cannot be timed to land there), it must not leave the second child running."""
+    from prefect.exceptions import TerminationSignal
+
+    from tasks.fanout import _cancel_each
+
+    done: list[str] = []
+    calls: list[str] = []
+
+    def cancel(child: str) -> None:
+        calls.append(child)
+        if calls == ["a"]:
+            raise TerminationSignal(15)
+        done.append(child)
+
+    with pytest.raises(TerminationSignal):
+        _cancel_each(["a", "b"], cancel)
+    assert done == ["a", "b"]  # the interrupted one again, then the other
+    assert calls == ["a", "a", "b"]
+    _cancel_each(["c"], cancel)  # nothing held: nothing raised
+    assert done == ["a", "b", "c"]
+
+
 def test_train_models_needs_a_flow():
     with pytest.raises(RuntimeError, match="inside a running Prefect flow"):
         train_models([], max_parallel=1)
@@ -228,14 +253,14 @@ def _state_messages(client, run_id: UUID) -> list[str]:
     return [f"{s.name}: {s.message}" for s in client.read_flow_run_states(run_id)]
 
 
-def _wait(pred, timeout: float, what: str):
+def _wait(pred, timeout: float, what: str, describe=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         got = pred()
         if got:
             return got
         time.sleep(0.5)
-    raise AssertionError(f"not {what} after {timeout}s")
+    raise AssertionError(f"not {what} after {timeout}s" + (f": {describe()}" if describe else ""))
 
 
 @pytest.mark.slow
@@ -293,8 +318,9 @@ def test_cancelling_the_parent_cancels_its_children(api, tmp_path):
         _wait(lambda: _flow_run(client, parent_id).state.is_cancelled(), 90, "parent cancelled")
         kids = _wait(
             lambda: (k := _children(client, parent_id)) and all(c.state.is_cancelled() for c in k) and k,
-            240,  # the worker sees the cancellation at its next poll, then stops each process: slow on 2 busy cores
+            120,  # the runner stops each process on its Cancelling event: seconds, more on 2 busy cores
             "children cancelled",
+            lambda: {c.name: _state_messages(client, c.id) for c in _children(client, parent_id)},
         )
         assert len(kids) == 2
         for kid in kids:
