@@ -19,7 +19,8 @@ throttling (issue 17 §1's phone profile; the goal there is <= 8 s to the first 
     PYTHONPATH=. .venv/bin/python benchmarks/app.py [--store .store] [--run ID]   (or `make bench-app`)
 
 Goals: page ready <= 3 s on loopback; MobileNetV2 at 224 px <= 100 ms per prediction; every
-published model <= 1 s per prediction; <= 15 MB to the first result and <= 40 MB kept (issue 17).
+published model <= 1 s per prediction; the lung outline (where the run has a segmenter) <= 50 ms per image
+(issue 16 §2); <= 15 MB to the first result and <= 40 MB kept (issue 17).
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def measure(url: str, models: list[str], image: Path) -> dict:
         page.goto(url)
         page.wait_for_selector("body[data-ready='true']", timeout=60_000)
         ready_s = time.perf_counter() - t0
+        lungs = page.evaluate("!!(window.covidApp.state.app && window.covidApp.state.app.lungs)")
         per_model = {}
         for name in models:
             page.click(f"#model-list [data-model='{name}']")
@@ -111,6 +113,8 @@ def measure(url: str, models: list[str], image: Path) -> dict:
                 page.wait_for_selector(f"#results[data-state='done'][data-model='{name}']", timeout=120_000)
                 walls.append(1000 * (time.perf_counter() - t))
                 times.append(float(page.get_attribute("#results", "data-infer-ms")))
+                if lungs:  # the outline runs after the result: let it finish before the next pick
+                    page.wait_for_selector("#lung-outline[data-state='done']", state="attached", timeout=120_000)
             per_model[name] = {
                 "first_ms": times[0],
                 "median_later_ms": statistics.median(times[1:]),
@@ -118,8 +122,12 @@ def measure(url: str, models: list[str], image: Path) -> dict:
                 "first_wall_ms": walls[0],
                 "median_later_wall_ms": statistics.median(walls[1:]),
             }
+        outline = page.evaluate("window.covidApp.timings.filter(t => t.model === 'lung segmenter').map(t => t.ms)")
         browser.close()
-    return {"page_ready_s": ready_s, "models": per_model}
+    res = {"page_ready_s": ready_s, "models": per_model}
+    if outline:  # the segmenter's run, once per pick (the first includes loading it)
+        res["lungs"] = {"first_ms": outline[0], "median_later_ms": statistics.median(outline[1:]), "runs": len(outline)}
+    return res
 
 
 class Counter:
@@ -129,11 +137,18 @@ class Counter:
         self.lock = threading.Lock()
         self.total = 0
         self.paths: dict[str, int] = {}
+        self.writes: list[tuple[float, int]] = []  # (time.time(), bytes)
 
     def add(self, path: str, n: int) -> None:
         with self.lock:
             self.total += n
             self.paths[path] = self.paths.get(path, 0) + n
+            self.writes.append((time.time(), n))
+
+    def until(self, t: float, since: int = 0) -> int:
+        """Bytes written up to the wall-clock time ``t``, of the writes from index ``since`` on."""
+        with self.lock:
+            return sum(n for at, n in self.writes[since:] if at <= t)
 
 
 def counting(handler: type, counter: Counter) -> type:
@@ -187,7 +202,7 @@ def cold_visit(url: str, counter: Counter, models: list[str], default: str, imag
                 {"offline": False, "latency": 150, "downloadThroughput": 9e6 / 8, "uploadThroughput": 9e6 / 8},
             )
             cdp.send("Emulation.setCPUThrottlingRate", {"rate": 4})
-        start = counter.total
+        start, first_write = counter.total, len(counter.writes)
         t0 = time.perf_counter()
         page.goto(url)
         page.wait_for_selector("body[data-ready='true']", timeout=120_000)
@@ -202,7 +217,10 @@ def cold_visit(url: str, counter: Counter, models: list[str], default: str, imag
             page.click("#classify-anyway")
         page.wait_for_selector(f"#results[data-state='done'][data-model='{default}']", timeout=300_000)
         first_s = time.perf_counter() - t0
-        first_bytes = counter.total - start
+        # Up to the moment the page drew the result (its clock is this machine's): what the page fetches after
+        # it (the lung outline's file, once the result is there) is not part of the first result.
+        drawn = page.evaluate(f"window.covidApp.timings.find(t => t.model === {json.dumps(default)}).at") / 1000
+        first_bytes = counter.until(drawn, first_write)
         page.wait_for_selector("body[data-offline='ready']", timeout=300_000)
         page.wait_for_timeout(500)
         installed = counter.total - start
@@ -280,6 +298,13 @@ def main() -> None:
         print(
             f"| {name} | {size} px | {b / 1e6:.1f} | {t['first_ms']:.0f} | {t['median_later_ms']:.1f} "
             f"| {t['first_wall_ms']:.0f} | {t['median_later_wall_ms']:.0f} | {goal} |"
+        )
+    if "lungs" in res:
+        lg, seg = res["lungs"], data["lungs"]
+        print(
+            f"\nLung outline (the run's segmenter, {seg['input_size']} px, {seg['bytes'] / 1e6:.2f} MB): first run "
+            f"{lg['first_ms']:.0f} ms, median of {lg['runs'] - 1} later runs **{lg['median_later_ms']:.1f} ms** "
+            "(goal <= 50 ms per image, issue 16 §2)"
         )
     print(
         "\nCold first visit, service worker on (bytes written by the server, headers included; kept = Cache Storage):\n"

@@ -25,14 +25,16 @@ import shutil
 import subprocess
 import tempfile
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from covid_app.app_models import add_tflite, app_guard, local_file
 from covid_app.budget import byte_budget, first_result_files, precache_list
 from covid_app.guard import GuardUnavailableError, ensure_guard
 from covid_data.labels import CLASSES
-from covid_data.store import Store, Unit, as_store
+from covid_data.store import Store, StoreError, Unit, as_store, open_store
+from covid_eval.segmenter_unit import MARKER as SEGMENTER_MARKER
+from covid_eval.shortcut_audit_unit import SegmenterUnitError
 from covid_models.metrics import wilson_interval
 from covid_models.stored import StoredModel
 from covid_registry import champion as registry
@@ -167,14 +169,16 @@ def build_app_bundle(
     champion_uri: str | None = None,
     explain: list[dict[str, Any]] | None = None,
     externals: dict[str, list[dict[str, Any]]] | None = None,
+    lungs_uri: str | None = None,
 ) -> dict[str, Any]:
     """Write ``runs/<run id>/app/`` (if not complete yet) from the run's exports; its record.
 
     ``exports`` are the run's top models in rank order (records of ``ensure_exports``);
     ``champion_uri`` marks the model slot that is the champion; ``explain`` (tasks.explain records)
     adds each model's Grad-CAM gallery and shortcut score to its page, ``externals`` (``{model: [external
-    evaluation summaries]}``) its figures on X-rays from elsewhere. Raises :class:`AppBuildUnavailable`
-    when the page cannot be built here.
+    evaluation summaries]}``) its figures on X-rays from elsewhere; ``lungs_uri`` (the run's lung
+    segmenter unit) lets the page outline the lungs over the picked image. Raises
+    :class:`AppBuildUnavailable` when the page cannot be built here.
     """
     store = as_store(store)
     unit = app_unit(store, run_id)
@@ -219,6 +223,12 @@ def build_app_bundle(
             keep = ("input_size", "channels", "threshold", "colour_threshold", "method", "val_false_alarm", "view")
             guard_entry = {"file": "guard/guard.tflite", **{k: guard[k] for k in keep}}
             guard_entry |= {"precision": small["precision"], "checks": small["checks"], "rejected": small["rejected"]}
+        lungs_entry = None
+        if lungs_uri:
+            try:
+                lungs_entry = app_lungs(unit, lungs_uri)
+            except (SegmenterUnitError, StoreError, KeyError) as e:  # an extra: the app works without it
+                log.warning("the app shows no lung outline: the segmenter at %s cannot be shipped (%s)", lungs_uri, e)
         data = {
             "run_id": run_id,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -233,6 +243,7 @@ def build_app_bundle(
             "models": models,
             "guard": guard_entry,
             "guard_note": guard_note,
+            "lungs": lungs_entry,
             "heatmap": {"method": "occlusion", "grid": HEATMAP_GRID},
         }
         unit.put_text("data/app.json", json.dumps(data, indent=1, default=float))
@@ -248,6 +259,7 @@ def build_app_bundle(
         "run_id": run_id,
         "models": [{k: m.get(k) for k in ("name", "rank", "champion", "file", "bytes", "input_size")} for m in models],
         "guard": guard_entry is not None,
+        "lungs": lungs_entry is not None,
         "files": len(files) + 1,
         "bytes": _bytes(unit),
         "budget": byte_budget(unit, files),
@@ -263,6 +275,34 @@ def build_app_bundle(
         b["cached_bytes"] / 1e6,
     )
     return unit.record()
+
+
+LUNGS_FILE = "lungs/lung_unet.tflite"
+
+
+def app_lungs(unit: Unit, segmenter_uri: str) -> dict[str, Any]:
+    """Put the segmenter unit's TFLite file (float32, checked against Keras when it was stored) into the
+    bundle; app.json's ``lungs`` entry: the file, its input, the threshold of its outline, and what the
+    segmenter is (its mask source's folder name, held-out Dice and IoU with intervals). The page fetches
+    it after the first result (lazy), so it adds nothing to the bytes before that result."""
+    seg = open_store(segmenter_uri)
+    if not seg.exists(SEGMENTER_MARKER):
+        raise SegmenterUnitError(f"{segmenter_uri}: not a complete segmenter unit (no {SEGMENTER_MARKER})")
+    rec = json.loads(seg.read_text(SEGMENTER_MARKER))
+    with tempfile.TemporaryDirectory(prefix="app-lungs-") as tmp:
+        unit.put_file(LUNGS_FILE, local_file(seg.uri_for(rec["tflite"]["file"]), Path(tmp) / "lungs.tflite"))
+    m, src = rec["heldout_metrics"], rec["source"]
+    return {
+        "file": LUNGS_FILE,
+        "bytes": rec["tflite"]["bytes"],
+        "input_size": rec["config"]["size"],
+        "channels": 1,
+        "threshold": 0.5,
+        "trained_on": PurePosixPath(str(src["path"]).rstrip("/")).name,
+        "masks": src["pairs"],
+        "heldout": {k: m[k] for k in ("images", "dice", "dice_ci95", "iou", "iou_ci95")},
+        "external": rec.get("external_metrics"),
+    }
 
 
 def app_external(e: dict[str, Any]) -> dict[str, Any]:
@@ -303,6 +343,7 @@ def build_run_app(
     explain: list[dict[str, Any]] | None = None,
     champion_uri: str | None = None,
     externals: dict[str, list[dict[str, Any]]] | None = None,
+    lungs_uri: str | None = None,
 ) -> tuple[dict[str, Any], str | None]:
     """(bundle record, why there is no guard or None): the run's bundle with its split's guard
     (fitted once) and the champion marked: ``champion_uri`` (the retrain flow passes the model it
@@ -327,5 +368,6 @@ def build_run_app(
         champion_uri=champion_uri,
         explain=explain,
         externals=externals,
+        lungs_uri=lungs_uri,
     )
     return rec, note

@@ -90,6 +90,7 @@ def ensure_bundle(store: Store | str, run_id: str) -> dict[str, Any]:
         exports=run["exports"],
         explain=run.get("explain"),
         externals=run.get("external"),
+        lungs_uri=(run.get("shortcut_audit") or {}).get("segmenter_uri"),
     )
     return rec
 

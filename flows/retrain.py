@@ -136,7 +136,16 @@ def retrain(
         published = publish_run(store, run, dataset, board, records, exports, blessing, explain, externals=externals)
         clock.lap("publish")
         app = (
-            app_bundle(store, run, dataset, exports, explain, blessed_uri(candidate, blessing), externals=externals)
+            app_bundle(
+                store,
+                run,
+                dataset,
+                exports,
+                explain,
+                blessed_uri(candidate, blessing),
+                externals=externals,
+                lungs_uri=lungs,
+            )
             if publishing.app
             else {"status": "skipped", "reason": "publishing.app is off"}
         )

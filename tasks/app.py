@@ -24,6 +24,7 @@ def build_app(
     explain: list[dict[str, Any]] | None = None,
     champion_uri: str | None = None,
     externals: dict[str, list[dict[str, Any]]] | None = None,
+    lungs_uri: str | None = None,
 ) -> dict[str, Any]:
     """``{"status": "built"|"skipped"|"failed", ...}``: the bundle's record, or why there is none."""
     log = get_run_logger()
@@ -38,6 +39,7 @@ def build_app(
             explain=explain,
             champion_uri=champion_uri,
             externals=externals,
+            lungs_uri=lungs_uri,
         )
     except AppBuildUnavailable as e:
         log.warning("%s", e)
@@ -45,7 +47,8 @@ def build_app(
     uri = f"runs/{run_id}/app/"
     create_markdown_artifact(
         f"App bundle of run `{run_id}`: {len(rec['models'])} models, {rec['bytes'] / 1e6:.1f} MB, "
-        f"guard: {'yes' if rec['guard'] else 'no (' + str(note) + ')'}. Serve it with `make app`.",
+        f"guard: {'yes' if rec['guard'] else 'no (' + str(note) + ')'}, lung outline: "
+        f"{'yes' if rec.get('lungs') else 'no'}. Serve it with `make app`.",
         key="app-bundle",
     )
     log.info("app bundle written to %s (%d files)", uri, rec["files"])

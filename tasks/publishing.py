@@ -225,10 +225,11 @@ def app_bundle(
     explain: list[dict[str, Any]],
     champion_uri: str | None = None,
     externals: dict[str, list[dict[str, Any]]] | None = None,
+    lungs_uri: str | None = None,
 ) -> dict[str, Any]:
     """The app-bundle task's record, or ``{"status": "failed", "reason"}`` when the task failed (the
     run is completed first, then fails: see :func:`check_run`)."""
-    state = build_app(store, run_id, dataset, exports, explain, champion_uri, externals, return_state=True)
+    state = build_app(store, run_id, dataset, exports, explain, champion_uri, externals, lungs_uri, return_state=True)
     return state.result() if state.is_completed() else {"status": "failed", "reason": state.message}
 
 

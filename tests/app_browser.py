@@ -6,18 +6,20 @@ axe-playwright-python, never fetched) and Chromium's own installability check ov
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from covid_data.labels import CLASSES
-from tests.conftest import REPO, skip_or_fail
+from tests.conftest import MOBILENET_WEIGHTS, REPO, SAMPLE, SHARED, make_kaggle_folder, require_shared, skip_or_fail
 
 CHROMIUM = Path("/usr/bin/chromium")
 # As root in a container, with no network: the flags the machine's notes name.
@@ -34,6 +36,10 @@ CHROMIUM_ARGS = [
 PHONE = {"width": 390, "height": 844}
 SCREENSHOT = REPO / "docs" / "screenshots" / "app-results-390x844.png"
 PROB_TOLERANCE = 1e-4
+SHENZHEN = SHARED / "data" / "shenzhen-cxr"  # pre-pandemic X-rays: a negative external set
+# The run's lung segmenter (the app's lung outline): a small one, trained in seconds on a dozen Shenzhen masks;
+# the outline's parity with Python does not depend on how well it segments.
+SEGMENTER = {"size": 32, "filters": [4, 8, 16], "steps": 12, "batch_size": 4, "parity_images": 2}
 
 
 def _require_browser() -> None:
@@ -135,6 +141,33 @@ def _python_probs(tflite: Path, image: Path, size: int, channels: int) -> np.nda
     return it.get_tensor(it.get_output_details()[0]["index"])[0]
 
 
+@contextlib.contextmanager
+def phone_page(browser, server: Server) -> Iterator:
+    """A page of the served app at a phone's size, ready; on leaving, no uncaught error in it and the
+    server still alive (a test that failed because the server died says so, with its last words)."""
+    ctx = browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True, has_touch=True)
+    pg = ctx.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(server.url)
+    pg.wait_for_selector("body[data-ready='true']", timeout=60_000)
+    yield pg
+    ctx.close()
+    server.check()
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+def python_lungs(unit: Path, image: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The segmenter unit's lung probabilities ``[size, size]`` on ``image``: (its TFLite file, its Keras model)."""
+    import keras
+
+    from covid_models.data import decode_resize
+
+    x = decode_resize(str(image), size, 1).numpy().astype("float32")[None]
+    by_keras = keras.saving.load_model(unit / "model.keras").predict(x, verbose=0)[0, ..., 0]
+    return _python_probs(unit / "lung_unet.tflite", image, size, 1)[..., 0], by_keras
+
+
 def _pick(page, path: Path, selector: str = "#file-input") -> None:
     page.set_input_files(selector, str(path))
 
@@ -208,3 +241,43 @@ def worker_has_webgpu(page) -> bool:
     )
     assert isinstance(answer, bool), answer
     return answer
+
+
+def publish_smoke_run(base: Path, lung_masks: Path) -> dict:
+    """A smoke run published with its app bundle, the Shenzhen subset as a negative external set and a lung
+    segmenter trained on ``lung_masks``: store, run id, the bundle's folder and data, the environment."""
+    import os
+
+    require_shared(SAMPLE, MOBILENET_WEIGHTS, SHENZHEN)
+    store = base / "store"
+    negative = shenzhen_subset(SHENZHEN, base / "shenzhen-subset")
+    about = "pre-pandemic X-rays from another hospital, none COVID"
+    env = {
+        **os.environ,
+        "COVID_WEIGHTS_DIR": str(MOBILENET_WEIGHTS.parent),
+        "COVID_CACHE_DIR": str(base / "cache"),
+        "PREFECT_HOME": str(base / "prefect"),
+    }
+    # A seeded part of the shared sample: the smoke preset trains on at most 40 images a class anyway, and
+    # preparing all 3,797 (hashes, near duplicates, validation) took most of the fixture's 9 minutes.
+    source = make_kaggle_folder(base / "src", n_per_class=60, seed=41, extras=False)
+    cmd = [sys.executable, "-m", "flows.retrain", "--preset", "smoke", "--source", str(source), "--store", str(store)]
+    cmd += ["--external-source", json.dumps({"uri": str(negative), "kind": "negative", "about": about})]
+    cmd += ["--lung-masks", str(lung_masks), "--segmenter", json.dumps(SEGMENTER)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (run_id,) = [p.name for p in (store / "runs").iterdir()]
+    app = store / "runs" / run_id / "app"
+    assert (app / "bundle.json").is_file(), f"no app bundle: {done.stdout[-2000:]}"
+    data = json.loads((app / "data" / "app.json").read_text())
+    return {"store": store, "run_id": run_id, "app": app, "data": data, "env": env}
+
+
+def precache_list(app: Path) -> list[dict]:
+    """The service worker's list of a bundle's files (url, md5 revision, lazy), as its sw.js holds it."""
+    return json.loads(re.search(r"(\[\{\"url\".*?\}\])", (app / "sw.js").read_text()).group(1))
+
+
+def client_rect(page, selector: str) -> dict:
+    """The element's bounding box on the page: x, y, width, height."""
+    return json.loads(page.eval_on_selector(selector, "e => JSON.stringify(e.getBoundingClientRect())"))

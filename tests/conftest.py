@@ -65,6 +65,19 @@ def skip_or_fail(reason: str) -> None:
     pytest.skip(reason)
 
 
+def run_page_code(helper: Path, items: list[dict], tmp: Path, what: str) -> list:
+    """The page's code under node: the helper script (app/test/*.mjs) reads ``items`` (written to a JSON
+    file in ``tmp``) and prints its answer as JSON. Skips (fails under ``CI=true``) without node."""
+    import json
+
+    node = shutil.which("node")
+    if node is None:
+        skip_or_fail(f"{what} runs the page's code under node (apt-get install nodejs)")
+    (tmp / "items.json").write_text(json.dumps(items))
+    out = subprocess.run([node, str(helper), str(tmp / "items.json")], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
 def require_shared(*paths: Path) -> None:
     """Skip (fail under ``CI=true``) unless every path of ../shared is there."""
     missing = [str(p) for p in paths if not p.exists()]

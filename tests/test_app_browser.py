@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ from tests.app_browser import (
     PHONE,
     PROB_TOLERANCE,
     SCREENSHOT,
+    SEGMENTER,
     Server,
     _classify,
     _pick,
@@ -30,46 +29,26 @@ from tests.app_browser import (
     _require_browser,
     _test_xrays,
     axe_violations,
+    client_rect,
     installability_errors,
-    shenzhen_subset,
+    phone_page,
+    precache_list,
+    publish_smoke_run,
+    python_lungs,
     turned_xray,
     worker_has_webgpu,
 )
-from tests.conftest import MOBILENET_WEIGHTS, REPO, SAMPLE, SHARED, make_kaggle_folder, require_shared
+from tests.conftest import SHARED
 
 # The first test also publishes the module's smoke run (minutes on 2 loaded cores): over the 600 s default.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
-SHENZHEN = SHARED / "data" / "shenzhen-cxr"  # pre-pandemic X-rays: a negative external set
-
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory) -> dict:
-    """A smoke run published with its app bundle: store, run id, the bundle's data."""
+def published(tmp_path_factory, shenzhen_few) -> dict:
+    """A smoke run published with its app bundle (and a lung segmenter): store, run id, the bundle's data."""
     _require_browser()
-    require_shared(SAMPLE, MOBILENET_WEIGHTS, SHENZHEN)
-    base = tmp_path_factory.mktemp("app-run")
-    store = base / "store"
-    negative = shenzhen_subset(SHENZHEN, base / "shenzhen-subset")
-    about = "pre-pandemic X-rays from another hospital, none COVID"
-    env = {
-        **os.environ,
-        "COVID_WEIGHTS_DIR": str(MOBILENET_WEIGHTS.parent),
-        "COVID_CACHE_DIR": str(base / "cache"),
-        "PREFECT_HOME": str(base / "prefect"),
-    }
-    # A seeded part of the shared sample: the smoke preset trains on at most 40 images a class anyway, and
-    # preparing all 3,797 (hashes, near duplicates, validation) took most of the fixture's 9 minutes.
-    source = make_kaggle_folder(base / "src", n_per_class=60, seed=41, extras=False)
-    cmd = [sys.executable, "-m", "flows.retrain", "--preset", "smoke", "--source", str(source), "--store", str(store)]
-    cmd += ["--external-source", json.dumps({"uri": str(negative), "kind": "negative", "about": about})]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    (run_id,) = [p.name for p in (store / "runs").iterdir()]
-    app = store / "runs" / run_id / "app"
-    assert (app / "bundle.json").is_file(), f"no app bundle: {done.stdout[-2000:]}"
-    data = json.loads((app / "data" / "app.json").read_text())
-    return {"store": store, "run_id": run_id, "app": app, "data": data, "env": env}
+    return publish_smoke_run(tmp_path_factory.mktemp("app-run"), shenzhen_few)
 
 
 @pytest.fixture(scope="module")
@@ -92,16 +71,8 @@ def browser():
 
 @pytest.fixture
 def page(browser, server):
-    ctx = browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True, has_touch=True)
-    pg = ctx.new_page()
-    errors: list[str] = []
-    pg.on("pageerror", lambda e: errors.append(str(e)))
-    pg.goto(server.url)
-    pg.wait_for_selector("body[data-ready='true']", timeout=60_000)
-    yield pg
-    ctx.close()
-    server.check()  # a test that failed because the server died says so, with its last words
-    assert not errors, f"uncaught errors in the page: {errors}"
+    with phone_page(browser, server) as pg:
+        yield pg
 
 
 def test_bundle_lists_the_runs_top_three(published):
@@ -120,8 +91,7 @@ def test_bundle_lists_the_runs_top_three(published):
     # needs (app.json, the guard, the model the page opens on) is precached, the other models are lazy.
     import hashlib
 
-    sw = (app / "sw.js").read_text()
-    listed = json.loads(re.search(r"(\[\{\"url\".*?\}\])", sw).group(1))
+    listed = precache_list(app)
     entries = {e["url"]: e["revision"] for e in listed}
     files = {p.relative_to(app).as_posix() for p in app.rglob("*") if p.is_file()} - {"sw.js", "bundle.json"}
     assert set(entries) == files
@@ -133,6 +103,35 @@ def test_bundle_lists_the_runs_top_three(published):
     )
     assert "data/app.json" not in lazy and data["guard"]["file"] not in lazy and opens_on["file"] not in lazy
     assert {m["file"] for m in data["models"] if m is not opens_on} <= lazy  # fetched when picked
+
+
+def test_the_lung_outline_is_the_run_segmenters_as_python_runs_it(page, published):
+    """The page's lung probabilities are the run's segmenter unit's, as Keras and Python's TFLite compute
+    them; the outline is drawn over the picture's own box and can be hidden (the bundle's side of it:
+    tests/test_app_lungs.py)."""
+    app, lungs = published["app"], published["data"]["lungs"]
+    run = json.loads((published["store"] / "runs" / published["run_id"] / "run.json").read_text())
+    unit = Path(run["shortcut_audit"]["segmenter_uri"].removeprefix("file://"))
+    assert (app / lungs["file"]).read_bytes() == (unit / "lung_unet.tflite").read_bytes()
+    size = lungs["input_size"]
+    assert size == SEGMENTER["size"]
+    for image in _test_xrays(published, 2):
+        _classify(page, image, published["data"]["models"][0]["name"])
+        page.wait_for_selector("#lung-outline[data-state='done']", timeout=60_000)
+        shown = np.array(page.evaluate("Array.from(window.covidApp.state.pick.lungs.prob)")).reshape(size, size)
+        by_tflite, by_keras = python_lungs(unit, image, size)
+        assert np.abs(shown - by_tflite).max() <= PROB_TOLERANCE and np.abs(shown - by_keras).max() <= PROB_TOLERANCE
+        share = float(page.get_attribute("#lung-outline", "data-share"))
+        assert share == pytest.approx(float((by_tflite > lungs["threshold"]).mean()), abs=1.5 / size**2)
+        rings = json.loads(page.get_attribute("#lung-outline", "data-rings"))
+        assert (len(rings) > 0) == (page.get_attribute("#lung-path", "d") != "") == (share > 0)
+        assert page.is_visible("#lung-bar") and page.inner_text("#lung-status").startswith("Lung outline by the run's")
+        box, img = client_rect(page, "#lung-outline"), client_rect(page, "#preview")
+        assert all(abs(box[k] - img[k]) <= 1 for k in ("x", "y", "width", "height")), (box, img)
+    page.uncheck("#show-lungs")
+    assert page.get_attribute("#lung-outline", "hidden") is not None
+    page.check("#show-lungs")
+    assert page.get_attribute("#lung-outline", "hidden") is None
 
 
 def test_server_headers(server):

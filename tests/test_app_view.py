@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from covid_app import view as V
-from tests.conftest import REPO, SHARED, require_shared, sample_files, skip_or_fail
+from tests.conftest import REPO, SHARED, require_shared, run_page_code, sample_files
 
 OOD = SHARED / "data" / "ood-radiographs"
 DICOM = SHARED / "data" / "dicom"
@@ -122,17 +120,12 @@ def _guard_input(grey: np.ndarray) -> np.ndarray:
 
 
 def _in_node(tmp: Path, greys: list[np.ndarray]) -> list[dict]:
-    node = shutil.which("node")
-    if node is None:
-        skip_or_fail("the view check's parity test runs the page's code under node (apt-get install nodejs)")
     items = []
     for i, g in enumerate(greys):
         f = tmp / f"{i}.grey"
         f.write_bytes(np.ascontiguousarray(g, np.uint8).tobytes())
         items.append({"file": str(f), "width": int(g.shape[1]), "height": int(g.shape[0])})
-    (tmp / "items.json").write_text(json.dumps(items))
-    out = subprocess.run([node, str(NODE_HELPER), str(tmp / "items.json")], capture_output=True, text=True, check=True)
-    res = json.loads(out.stdout)
+    res = run_page_code(NODE_HELPER, items, tmp, "the view check's parity test")
     for r in res:
         r["input"] = np.frombuffer(base64.b64decode(r["input"]), np.uint8).reshape(V.INPUT_SIZE, V.INPUT_SIZE)
         r["asymmetry"], r["midline"] = float(r["asymmetry"]), float(r["midline"])

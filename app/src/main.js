@@ -4,6 +4,7 @@ import { preprocess, colourfulness } from "./preprocess.js";
 import { occlusionMap } from "./occlusion.js";
 import { ensureLiteRt, getModel, prepareEntry } from "./runtime.js";
 import { wireDownloads } from "./ui/download.js";
+import { wireLungs } from "./ui/outline.js";
 import { $, el, str } from "./ui/format.js";
 import { showError } from "./ui/status.js";
 import { state, timings, disclaimer, loadApp, normaliseModels } from "./state.js";
@@ -40,6 +41,7 @@ async function start() {
   wireResults();
   wireModels();
   wireDownloads();
+  wireLungs();
 
   try {
     state.app = await loadApp();

@@ -3,6 +3,7 @@ import { $, el, pct, str, isNum, label, fmtScore } from "../ui/format.js";
 import { renderInline } from "../ui/markdown.js";
 import { state, disclaimer, guardUnavailable } from "../state.js";
 import { viewFlag } from "../view.js";
+import { lungsEntry } from "../ui/outline.js";
 
 export function renderAbout() {
   const app = state.app || {};
@@ -71,12 +72,39 @@ export function renderAbout() {
           viewAbout(guard.view),
         )
       : el("p", { class: "guard-unavailable", text: guardUnavailable(app) }),
+    lungsAbout(lungsEntry(app)),
     el("h3", { text: "“Why this class?”" }),
     el("p", {
       text: "The heat map is occlusion sensitivity: the image is split into a grid; each cell in turn is covered with the average gray and the model is run again. Cells whose covering lowers the predicted class the most are brightest. It shows what the model relies on, which is not necessarily disease (it can be markers, text or borders).",
     }),
     limits.length ? el("h3", { text: "Known limits of the data" }) : null,
     limits.length ? el("ul", {}, ...limits.map((l) => el("li", { html: renderInline(l) }))) : null,
+  );
+}
+
+// The lung outline: what draws it and how well it did on masks it never saw.
+function lungsAbout(l) {
+  if (!l) return null;
+  const h = l.heldout || {};
+  const fig = (name) =>
+    isNum(h[name]) ? `${name === "dice" ? "Dice" : "IoU"} ${(+h[name]).toFixed(3)}${Array.isArray(h[`${name}_ci95`]) ? ` (95% CI ${(+h[`${name}_ci95`][0]).toFixed(3)}–${(+h[`${name}_ci95`][1]).toFixed(3)})` : ""}` : null;
+  const figures = [fig("dice"), fig("iou")].filter(Boolean);
+  return el(
+    "div",
+    { class: "lungs-about" },
+    el("h3", { text: "Lung outline" }),
+    el("p", {
+      text:
+        `After a result, a small lung segmenter (a U-Net, ${l.size} px grey input) outlines the lungs over your picture, on this device. ` +
+        "It is there for your eye: the models classify the whole picture, not only the lungs, and a model that looks outside the lungs may be reading markers, text or borders.",
+    }),
+    el(
+      "p",
+      { class: "muted" },
+      `Trained on ${isNum(l.masks) ? `${l.masks} ` : ""}lung masks of ${str(l.trained_on, "the run's mask source")}`,
+      figures.length ? `; on ${isNum(h.images) ? h.images : "the"} held-out masks: ${figures.join(", ")}` : "",
+      ". On other hospitals' X-rays it may outline less well.",
+    ),
   );
 }
 

@@ -5,6 +5,7 @@ import { cropRect, rotateQuarter, straighten } from "../crop.js";
 import { AppError, inspectBytes, pngBlob, readPicked } from "../image.js";
 import { runModel } from "../runtime.js";
 import { $, fmtScore, str } from "../ui/format.js";
+import { clearLungs, showLungs } from "../ui/outline.js";
 import { safe, clearError, setStatus } from "../ui/status.js";
 import { state } from "../state.js";
 import { clearResults, clearCompare, predict } from "./results.js";
@@ -34,6 +35,7 @@ function clearAll() {
   clearResults();
   clearCompare();
   clearOod();
+  clearLungs();
   clearPreview();
   $("compare-all").disabled = true;
   $("guard-notice").hidden = true;
@@ -132,6 +134,7 @@ async function analyse(seq, { rgba, width, height }, blob) {
   state.pick.allowed = true;
   $("compare-all").disabled = false;
   await predict({ scroll: true });
+  await showLungs(state.pick); // after the first result: its file is not needed before
 }
 
 function showOod(g, why) {
@@ -185,6 +188,7 @@ async function classifyAnyway() {
     : "Classified although the guard flagged this picture: treat the output with extra caution.";
   n.hidden = false;
   await predict();
+  await showLungs(state.pick);
 }
 
 // ------------------------------------------------------------ crop and rotate
@@ -224,6 +228,7 @@ async function show(image, what) {
   clearResults();
   clearCompare();
   clearOod();
+  clearLungs();
   $("compare-all").disabled = true;
   $("guard-notice").hidden = true;
   edits.current = image;

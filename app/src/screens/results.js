@@ -91,7 +91,7 @@ export async function predict(opts = {}) {
     throw e;
   }
   if (seq !== state.predictSeq || pick !== state.pick) return;
-  timings.push({ model: m.name, ms: r.ms, first: r.first });
+  timings.push({ model: m.name, ms: r.ms, first: r.first, at: Date.now() }); // at: when the result is drawn
   renderResults(m, r.output, r.ms);
   state.last = { model: m.name, probs: r.output, input, size, channels, classIndex: argmax(r.output) };
   $("explain").disabled = false;
