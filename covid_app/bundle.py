@@ -32,9 +32,9 @@ from covid_app.app_models import add_tflite, app_guard, local_file
 from covid_app.budget import byte_budget, first_result_files, precache_list
 from covid_app.guard import GuardUnavailableError, ensure_guard
 from covid_data.labels import CLASSES
-from covid_data.store import Store, StoreError, Unit, as_store, open_store
+from covid_data.store import Store, StoreError, Unit, as_store
 from covid_eval.segmenter_unit import MARKER as SEGMENTER_MARKER
-from covid_eval.shortcut_audit_unit import SegmenterUnitError
+from covid_eval.shortcut_audit_unit import SegmenterUnitError, segmenter_store
 from covid_models.metrics import wilson_interval
 from covid_models.stored import StoredModel
 from covid_registry import champion as registry
@@ -285,9 +285,7 @@ def app_lungs(unit: Unit, segmenter_uri: str) -> dict[str, Any]:
     bundle; app.json's ``lungs`` entry: the file, its input, the threshold of its outline, and what the
     segmenter is (its mask source's folder name, held-out Dice and IoU with intervals). The page fetches
     it after the first result (lazy), so it adds nothing to the bytes before that result."""
-    seg = open_store(segmenter_uri)
-    if not seg.exists(SEGMENTER_MARKER):
-        raise SegmenterUnitError(f"{segmenter_uri}: not a complete segmenter unit (no {SEGMENTER_MARKER})")
+    seg, _ = segmenter_store(segmenter_uri)
     rec = json.loads(seg.read_text(SEGMENTER_MARKER))
     with tempfile.TemporaryDirectory(prefix="app-lungs-") as tmp:
         unit.put_file(LUNGS_FILE, local_file(seg.uri_for(rec["tflite"]["file"]), Path(tmp) / "lungs.tflite"))
