@@ -198,6 +198,7 @@ def build_model(
     weights: str | Path | None = "imagenet",
     trainable: str | int = "frozen",
     head: str = "flatten",
+    lung_fields=None,
 ):
     """Build one of the nine models.
 
@@ -210,6 +211,8 @@ def build_model(
             or an int N: only the top N backbone layers train (fine-tuning; batch
             normalisation layers stay frozen).
         head: transfer models only: ``"flatten"`` (the paper's) or ``"pooled"`` (see :data:`HEADS`).
+        lung_fields: a block from :func:`covid_models.lung_fields.build_lung_fields` (grey input only):
+            the model then classifies the picture with everything outside the lungs blacked out.
     """
     import keras
 
@@ -219,7 +222,12 @@ def build_model(
     if input_size < arch.min_size:
         raise ValueError(f"{name} needs an input of at least {arch.min_size}px, got {input_size}")
     inputs = keras.Input((input_size, input_size, channels), name="image")
-    x = preprocess_layer(arch.mode, channels)(inputs)
+    x = inputs
+    if lung_fields is not None:
+        if channels != 1:
+            raise ValueError(f"lung fields need grey input (channels=1), got channels={channels}")
+        x = lung_fields(x)
+    x = preprocess_layer(arch.mode, channels)(x)
     check_head(name, head)
     if not arch.transfer:
         outputs = _custom_cnn_body(tuple(x.shape[1:]), num_classes)(x)
@@ -248,6 +256,12 @@ def set_trainable(backbone, trainable: str | int) -> None:
     for i, layer in enumerate(backbone.layers):
         top = i >= len(backbone.layers) - n
         layer.trainable = top and not isinstance(layer, keras.layers.BatchNormalization)
+
+
+def features_input(model):
+    """The tensor the backbone's preprocessing reads: the model's input, or the lung fields' output."""
+    names = {layer.name for layer in model.layers}
+    return model.get_layer("lung_fields")(model.input) if "lung_fields" in names else model.input
 
 
 def parts(model) -> tuple:

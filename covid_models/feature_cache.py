@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from covid_models.data import SplitData, image_dataset
-from covid_models.train_config import TrainConfig, code_version, resolve_weights
+from covid_models.train_config import TrainConfig, code_version, lung_fields_fingerprint, resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ def feature_path(cache: Path, data: SplitData, cfg: TrainConfig, split: str) -> 
     key = (
         f"{data.split_hash}-{cfg.model}-{cfg.input_size}px-{cfg.channels}ch-{weights_fingerprint(cfg)}-{code_version()}"
     )
+    if cfg.lung_fields:  # the backbone saw the lung fields, not the whole picture
+        key += f"-lungs-{lung_fields_fingerprint(cfg)}"
     return cache / "features" / key / f"{split}.npy"
 
 

@@ -30,8 +30,9 @@ import numpy as np
 from covid_data.dataset import default_cache_dir
 from covid_data.labels import CLASSES
 from covid_data.store import Unit, open_store
+from covid_models import lung_fields
 from covid_models.augment import build_augmenter
-from covid_models.builders import build_model, is_transfer, set_trainable
+from covid_models.builders import build_model, features_input, is_transfer, set_trainable
 from covid_models.checkpoints import HISTORY_KEYS, Checkpoints
 from covid_models.cli import parser
 from covid_models.data import global_batch_size, image_dataset, load_split_data
@@ -91,7 +92,7 @@ def _train_head_on_features(model, cfg, data, cache, batch, backup) -> tuple[dic
     import keras
 
     backbone = model.get_layer("backbone")
-    extractor = keras.Model(model.input, backbone(model.get_layer("preprocess")(model.input)))
+    extractor = keras.Model(model.input, backbone(model.get_layer("preprocess")(features_input(model))))
     t0 = time.perf_counter()
     feats = {s: compute_features(extractor, data, s, cfg, cache, batch) for s in data.frames}
     feature_seconds = time.perf_counter() - t0
@@ -215,6 +216,10 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     if "train" not in data.frames:
         raise ValueError(f"split {cfg.split} has no train rows")
 
+    segmenter = None
+    if cfg.lung_fields:
+        segmenter, seg_key = lung_fields.load(cfg.lung_fields, cache)
+        log.info("%s classifies on the lung fields of segmenter %s (%s)", cfg.model, seg_key, cfg.lung_fields)
     with choice.strategy.scope():
         scratch_start = cfg.weights == "scratch"  # from random initialisation: every layer trains
         model = build_model(
@@ -224,6 +229,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
             weights="none" if scratch_start else cfg.weights,
             trainable="all" if scratch_start else "frozen",
             head=cfg.head,
+            lung_fields=_lung_block(segmenter, cfg),
         )
     use_features = (
         is_transfer(cfg.model) and not scratch_start and cfg.feature_cache and not cfg.augment and choice.kind != "tpu"
@@ -286,11 +292,31 @@ def train_model(cfg: TrainConfig) -> TrainResult:
 
     # With extra sources, each source's figures beside the pooled ones.
     metrics = {s: split_metrics(p, data.files(s)[1], data.sources(s)) for s, p in probs.items()}
-    return _publish(slot, cfg, model, history, metrics, train_seconds, feature_seconds, runtime, scratch)
+    return _publish(slot, cfg, model, history, metrics, train_seconds, feature_seconds, runtime, scratch, segmenter)
+
+
+def _lung_block(segmenter, cfg: TrainConfig):
+    """A fresh lung-field block around (a copy of) ``segmenter``, or None without one."""
+    if segmenter is None:
+        return None
+    import keras
+
+    copy = keras.models.clone_model(segmenter)
+    copy.set_weights(segmenter.get_weights())
+    return lung_fields.build_lung_fields(copy, cfg.input_size)
 
 
 def _publish(
-    slot: Unit, cfg, model, history, metrics, train_seconds, feature_seconds, runtime, scratch: list[Checkpoints]
+    slot: Unit,
+    cfg,
+    model,
+    history,
+    metrics,
+    train_seconds,
+    feature_seconds,
+    runtime,
+    scratch: list[Checkpoints],
+    segmenter=None,
 ) -> TrainResult:
     """Write the slot's artefacts (replacing an interrupted attempt's), drop the checkpoints,
     then the completion marker. ``runtime`` is where it trained: device, replicas, global batch,
@@ -298,7 +324,7 @@ def _publish(
     with tempfile.TemporaryDirectory(prefix="covid-train-") as tmp:
         tmp = Path(tmp)
         model_path = tmp / "model.keras"
-        _inference_copy(model, cfg).save(model_path)
+        _inference_copy(model, cfg, segmenter).save(model_path)
         slot.put_file("model.keras", model_path)
         curves = {k: [h[k] for h in history if k in h] for k in HISTORY_KEYS}
         plot_history(curves, f"{cfg.model} ({cfg.input_size}px)", tmp / "curves.png")
@@ -353,10 +379,17 @@ def _publish(
     return result
 
 
-def _inference_copy(model, cfg: TrainConfig):
+def _inference_copy(model, cfg: TrainConfig, segmenter=None):
     """The trained weights in a fresh, uncompiled model: a .keras file would otherwise carry
     the optimizer's state (twice the head's size) that no one loading it for inference needs."""
-    fresh = build_model(cfg.model, input_size=cfg.input_size, channels=cfg.channels, weights="none", head=cfg.head)
+    fresh = build_model(
+        cfg.model,
+        input_size=cfg.input_size,
+        channels=cfg.channels,
+        weights="none",
+        head=cfg.head,
+        lung_fields=_lung_block(segmenter, cfg),
+    )
     fresh.set_weights(model.get_weights())
     return fresh
 

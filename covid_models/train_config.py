@@ -37,6 +37,7 @@ _TRAINING_CODE = (
     "data.py",
     "metrics.py",
     "feature_cache.py",
+    "lung_fields.py",
     "strategy.py",  # distribution and mixed precision
     "train.py",
     "train_config.py",
@@ -72,6 +73,8 @@ HELP: dict[str, str] = {
     "device": "the hardware this training is for, part of its slot key: auto (what this process selects: "
     "COVID_DEVICE, else TPU variables, else the GPUs), cpu, gpu, multi-gpu:N or tpu:N (N replicas); a training "
     "that selects another device stops with an error",
+    "lung_fields": "URI of a complete lung segmenter unit (<store>/segmenters/<key>; grey input only): the model "
+    "classifies the picture with everything outside the lungs blacked out, the segmenter frozen inside its graph",
     "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch",
 }
 
@@ -107,6 +110,7 @@ class TrainConfig:
     # "cpu:1" | "gpu:1" | "multi-gpu:N" | "tpu:N", or "auto": what this process would select
     # (resolved when configs are planned; the slot key never hashes "auto")
     device: str = AUTO
+    lung_fields: str | None = None  # a segmenter unit's URI: classify on the lung fields (covid_models.lung_fields)
     verbose: int = 2  # Keras progress: 2 = one line per epoch (readable in Prefect logs)
 
     def __post_init__(self):
@@ -116,6 +120,8 @@ class TrainConfig:
         if self.model not in MODEL_NAMES:
             raise ValueError(f"unknown model {self.model!r}; choose from {', '.join(MODEL_NAMES)}")
         check_head(self.model, self.head)
+        if self.lung_fields and self.channels != 1:
+            raise ValueError(f"lung_fields needs grey input (channels=1), got channels={self.channels}")
         if is_transfer(self.model) and self.weights == "none":
             # A head on a frozen random backbone learns next to nothing, and would be published as "vgg16".
             raise ValueError(
@@ -163,6 +169,21 @@ def resolve_weights(cfg: TrainConfig) -> dict[str, Any]:
     return {"kind": "file", "file": str(path), "sha256": _cached_sha256(str(path))}
 
 
+def lung_fields_fingerprint(cfg: TrainConfig) -> str | None:
+    """``<unit key>-<sha256 of its model.keras>`` of the lung-field segmenter, None without one."""
+    if not cfg.lung_fields:
+        return None
+    return _segmenter_fingerprint(cfg.lung_fields)
+
+
+@cache
+def _segmenter_fingerprint(uri: str) -> str:
+    from covid_eval.shortcut_audit_unit import segmenter_store  # covid_eval builds on covid_models
+
+    store, key = segmenter_store(uri)
+    return f"{key}-{hashlib.sha256(store.read_bytes('model.keras')).hexdigest()[:12]}"
+
+
 @cache
 def _cached_sha256(path: str) -> str:
     return file_sha256(path)
@@ -198,6 +219,8 @@ def training_identity(cfg: TrainConfig) -> dict[str, Any]:
     settings = {k: v for k, v in asdict(cfg).items() if k not in _NOT_TRAINING}
     # A config built without planning ("auto") is keyed on the device this process would select.
     settings["device"] = resolve_device(cfg.device)
+    # The segmenter's bytes, not where its unit lies: a moved store keeps its models' keys.
+    settings["lung_fields"] = lung_fields_fingerprint(cfg)
     weights = resolve_weights(cfg)
     return {
         "model": cfg.model,
