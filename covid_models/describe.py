@@ -6,10 +6,23 @@ from typing import Any
 
 from covid_models.builders import is_transfer
 from covid_models.ensemble import describe_members, is_ensemble
+from covid_models.lung_fields import MARGIN
 
 
 def describe_weights(model: str, config: dict[str, Any], weights: dict[str, Any] | None = None) -> str:
-    """Starting weights and what trained, in words (e.g. "ImageNet weights (sha256 1a2b...), backbone frozen")."""
+    """Starting weights and what trained, in words (e.g. "ImageNet weights (sha256 1a2b...), backbone frozen"),
+    and what the model sees when it classifies on the lung fields."""
+    text = _weights(model, config, weights)
+    if config.get("lung_fields"):
+        key = str(config["lung_fields"]).rstrip("/").rsplit("/", 1)[-1]
+        text += (  # covid_models.lung_fields: the block inside the model
+            f"; classifies on the lung fields: the picture outside the lungs that segmenter {key} finds (grown by "
+            f"{MARGIN} of its pixels, edge softened) is blacked out inside the model"
+        )
+    return text
+
+
+def _weights(model: str, config: dict[str, Any], weights: dict[str, Any] | None) -> str:
     if is_ensemble(model):
         return describe_members(config)
     if not is_transfer(model):

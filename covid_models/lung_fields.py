@@ -84,13 +84,3 @@ def load(uri: str, cache_dir: Path) -> tuple[Any, str]:
 
     model, key, _ = load_segmenter(uri, cache_dir)
     return model, key
-
-
-def describe(key: str | None) -> str:
-    """What a model with lung fields sees, for the cards and the app (empty without)."""
-    if not key:
-        return ""
-    return (
-        f"on the lung fields: outside the lungs found by segmenter {key} (grown by {MARGIN} of its 96 px, "
-        "edge softened) the picture is blacked out inside the model"
-    )

@@ -25,6 +25,7 @@ from flows.retrain_params import (
     TrainingParams,
     cli_parameters,
     refuse_external_training,
+    refuse_lung_fields_without_masks,
     run_preset,
 )
 from tasks.audit import audit_data
@@ -99,15 +100,18 @@ def retrain(
     """
     refuse_external_training(data, promotion)
     p = run_preset(data, training)
+    refuse_lung_fields_without_masks(data, training, p)
     run, clock = run_id(), StageClock()
     with store_run_lock(store):
         dataset = prepare_data(store=store, **data.prepare_kwargs(p))
-        plan = configure_models(p.to_dict(), dataset, store, training.selected(p), training.overrides or {})
         clock.lap("prepare_data")
         # A fact about the data, before any model: with data.lung_masks, the lungs blacked out and read around.
         audit = audit_data(data.lung_masks, store, dataset["split"], data.segmenter, max_per_class=p.max_per_class)
         if audit is not None:
             clock.lap("shortcut_audit")
+        # Models on the lung fields carry the run's segmenter inside their graphs.
+        overrides = training.model_overrides(p, (audit or {}).get("segmenter_uri"))
+        plan = configure_models(p.to_dict(), dataset, store, training.selected(p), overrides)
         records = on_dask(train_stage, training.dask_address)(plan["configs"], **training.fanout(p))
         split, split_hash = dataset["split"], dataset["split_hash"]
         combined = build_ensemble(records, training.ensemble_size(p), split, split_hash, store, p.max_per_class)

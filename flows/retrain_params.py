@@ -128,9 +128,33 @@ class TrainingParams(_Params):
     """with train_deployment: how long a child run may wait for a worker, in seconds"""
     ensemble: int | None = None
     """average the best N trained models into one more leaderboard row (default: the preset's; 0: none)"""
+    lung_fields: list[ModelName] | None = None
+    """models that classify on the lung fields: the run's lung segmenter (needs data.lung_masks) blacks out the
+    picture outside the lungs inside their graphs (BENCHMARKS.md, "Classification on the lung fields")"""
 
     def selected(self, preset: Preset) -> list[str]:
         return list(self.models or preset.models)
+
+    def model_overrides(self, preset: Preset, segmenter_uri: str | None) -> dict[str, dict[str, Any]]:
+        """``overrides`` with ``lung_fields`` set to the segmenter unit for each model named in ``lung_fields``.
+
+        Raises ValueError when lung fields are asked for and the run has no complete segmenter (no
+        ``data.lung_masks``, or its training failed), or name a model this run does not train: a model
+        trained on the whole picture in their place would be published as something it is not."""
+        out = {k: dict(v) for k, v in (self.overrides or {}).items()}
+        if not self.lung_fields:
+            return out
+        absent = sorted(set(self.lung_fields) - set(self.selected(preset)))
+        if absent:
+            raise ValueError(f"training.lung_fields names models this run does not train: {absent}")
+        if not segmenter_uri:
+            raise ValueError(
+                f"training.lung_fields {list(self.lung_fields)} needs the run's lung segmenter: give data.lung_masks "
+                "(e.g. ../shared/data/shenzhen-cxr); the segmenter stage's log says why it is missing otherwise"
+            )
+        for name in self.lung_fields:
+            out[name] = {**out.get(name, {}), "lung_fields": segmenter_uri}
+        return out
 
     def fanout(self, preset: Preset) -> dict[str, Any]:
         """The train-models subflow's settings."""
@@ -220,6 +244,14 @@ def refuse_external_training(data: DataParams, promotion: PromotionParams) -> No
     refuse_external(parse_extra_sources(data.extra_sources), [e["uri"] for e in promotion.external_sets()])
 
 
+def refuse_lung_fields_without_masks(data: DataParams, training: TrainingParams, preset: Preset) -> None:
+    """Raise before anything runs when training.lung_fields cannot be met: no mask source to train the
+    segmenter on, or a model this run does not train."""
+    if training.lung_fields and not data.lung_masks:
+        training.model_overrides(preset, None)  # raises, naming what is missing
+    training.model_overrides(preset, "checked")
+
+
 def default_profile(source: str) -> str:
     """The Kaggle release's class counts are checked for Kaggle sources; anything else gets the
     layout-only profile unless the caller names one."""
@@ -268,6 +300,7 @@ def cli_parser(description: str | None = None) -> argparse.ArgumentParser:
     _option(ap, PromotionParams, "external_floor", type=float)
     _option(ap, PromotionParams, "external_false_alarm_ceiling", type=float)
     _option(ap, TrainingParams, "ensemble", type=int)
+    _option(ap, TrainingParams, "lung_fields", nargs="*", help_extra=f": {MODEL_NAMES}")
     return ap
 
 

@@ -245,7 +245,8 @@ def worker_has_webgpu(page) -> bool:
 
 def publish_smoke_run(base: Path, lung_masks: Path) -> dict:
     """A smoke run published with its app bundle, the Shenzhen subset as a negative external set and a lung
-    segmenter trained on ``lung_masks``: store, run id, the bundle's folder and data, the environment."""
+    segmenter trained on ``lung_masks``, the custom CNN on its lung fields: store, run id, the bundle's folder
+    and data, the environment."""
     import os
 
     require_shared(SAMPLE, MOBILENET_WEIGHTS, SHENZHEN)
@@ -264,6 +265,7 @@ def publish_smoke_run(base: Path, lung_masks: Path) -> dict:
     cmd = [sys.executable, "-m", "flows.retrain", "--preset", "smoke", "--source", str(source), "--store", str(store)]
     cmd += ["--external-source", json.dumps({"uri": str(negative), "kind": "negative", "about": about})]
     cmd += ["--lung-masks", str(lung_masks), "--segmenter", json.dumps(SEGMENTER)]
+    cmd += ["--lung-fields", "custom_cnn"]  # the segmenter inside the custom CNN's graph, and so in its app file
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_id,) = [p.name for p in (store / "runs").iterdir()]

@@ -134,6 +134,37 @@ def test_the_lung_outline_is_the_run_segmenters_as_python_runs_it(page, publishe
     assert page.get_attribute("#lung-outline", "hidden") is None
 
 
+def test_the_lung_field_model_carries_the_runs_segmenter_into_the_page(page, published):
+    """The custom CNN trained on the lung fields: its settings name the run's segmenter unit, what the app says
+    it is names it too, its app file holds the block's ops, and the page's
+    probabilities are Python's TFLite ones for it (directly, or inside the ensemble that averages it)."""
+    import tensorflow as tf
+
+    app, data = published["app"], published["data"]
+    run = json.loads((published["store"] / "runs" / published["run_id"] / "run.json").read_text())
+    seg_uri = run["shortcut_audit"]["segmenter_uri"]
+    key = seg_uri.rstrip("/").rsplit("/", 1)[-1]
+    direct = [m for m in data["models"] if m["name"] == "custom_cnn"]
+    members = [(m, x) for m in data["models"] for x in m.get("members", []) if x["name"] == "custom_cnn"]
+    assert direct or members, "the lung-field custom CNN is neither a published model nor an ensemble member"
+    entry, file = (direct[0], direct[0]["file"]) if direct else (members[0][0], members[0][1]["file"])
+    if direct:
+        stored = json.loads((app.parent / "models" / "custom_cnn" / "metrics.json").read_text())
+        assert stored["config"]["lung_fields"] == seg_uri
+        assert f"lung fields: the picture outside the lungs that segmenter {key} finds" in entry["weights"]
+    else:
+        assert "custom_cnn" in entry["weights"]
+    it = tf.lite.Interpreter(model_path=str(app / file))
+    ops = {d["op_name"] for d in it._get_ops_details()}
+    assert {"RESIZE_BILINEAR", "MAX_POOL_2D", "AVERAGE_POOL_2D", "MUL"} <= ops, ops
+    for image in _test_xrays(published, 2):
+        shown = _classify(page, image, entry["name"])
+        if direct:
+            ref = _python_probs(app / file, image, entry["input_size"], entry["channels"])
+            assert np.abs(shown - ref).max() <= PROB_TOLERANCE, (image.name, shown, ref)
+        assert shown.sum() == pytest.approx(1.0, abs=1e-4)
+
+
 def test_server_headers(server):
     import httpx
 

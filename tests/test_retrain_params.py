@@ -66,6 +66,8 @@ FLAT_DEFAULTS = {
     "lung_masks": None,
     "segmenter": None,
     "extra_sources": None,
+    # issue 16 §2: models on the lung fields, none unless named
+    "lung_fields": None,
 }
 
 
@@ -154,6 +156,35 @@ def test_none_takes_the_presets_value():
     assert p.split == (0.8, 0.2, 0) and data.prepare_kwargs(p)["profile"] == "any"
     assert training.ensemble_size(p) == 2 and not PublishingParams().int8_for(p)
     assert PromotionParams(champion_margin=0.02).rules()["margin"] == 0.02
+
+
+def test_lung_fields_put_the_runs_segmenter_into_the_named_models_settings():
+    """training.lung_fields becomes each named model's ``lung_fields`` override (beside its other overrides);
+    without a mask source, or naming a model the run does not train, the run is refused before anything runs;
+    a segmenter that failed to train refuses the models too, instead of training them on the whole picture."""
+    from flows.retrain_params import refuse_lung_fields_without_masks
+
+    training = TrainingParams(
+        preset="smoke",
+        models=["custom_cnn", "vgg16"],
+        lung_fields=["custom_cnn"],
+        overrides={"custom_cnn": {"epochs": 2}},
+    )
+    p = run_preset(DataParams(), training)
+    assert training.model_overrides(p, "/s/segmenters/abc") == {
+        "custom_cnn": {"epochs": 2, "lung_fields": "/s/segmenters/abc"}
+    }
+    assert TrainingParams(overrides={"vgg16": {"epochs": 1}}).model_overrides(p, None) == {"vgg16": {"epochs": 1}}
+    with pytest.raises(ValueError, match="needs the run's lung segmenter: give data.lung_masks"):
+        refuse_lung_fields_without_masks(DataParams(), training, p)
+    refuse_lung_fields_without_masks(DataParams(lung_masks="/m"), training, p)  # masks named: the run may start
+    with pytest.raises(ValueError, match="needs the run's lung segmenter"):
+        training.model_overrides(p, None)  # the masks were named and the segmenter failed
+    other = TrainingParams(preset="smoke", models=["vgg16"], lung_fields=["custom_cnn"])
+    with pytest.raises(ValueError, match=r"does not train: \['custom_cnn'\]"):
+        refuse_lung_fields_without_masks(DataParams(lung_masks="/m"), other, run_preset(DataParams(), other))
+    cli = cli_parameters(["--lung-masks", "/m", "--lung-fields", "custom_cnn"])
+    assert cli["training"].lung_fields == ["custom_cnn"] and cli["data"].lung_masks == "/m"
 
 
 def test_external_sets_are_declared_labelled_or_negative():
