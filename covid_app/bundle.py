@@ -34,8 +34,8 @@ from covid_app.guard import GuardUnavailableError, ensure_guard
 from covid_data.labels import CLASSES
 from covid_data.store import Store, StoreError, Unit, as_store
 from covid_eval.segmenter_unit import MARKER as SEGMENTER_MARKER
-from covid_eval.shortcut_audit_unit import SegmenterUnitError, segmenter_store
 from covid_models.metrics import wilson_interval
+from covid_models.segmenter import SegmenterUnitError, segmenter_store
 from covid_models.stored import StoredModel
 from covid_registry import champion as registry
 from covid_registry.convert import DISCLAIMER

@@ -34,6 +34,7 @@ from covid_data.store import Store, Unit, open_store
 from covid_eval.segmentation import segmentation_metrics
 from covid_models.segmenter import (
     DEFAULT_FILTERS,
+    UNIT_MARKER,
     export_tflite,
     inference_copy,
     predict,
@@ -45,7 +46,7 @@ from covid_models.segmenter import (
 
 log = logging.getLogger(__name__)
 
-MARKER = "segmenter.json"
+MARKER = UNIT_MARKER  # covid_models.segmenter reads units too (the lung fields inside a classifier)
 TFLITE_FILE = "lung_unet.tflite"
 TFLITE_MAX_PROB_DIFF = 1e-3  # float32 TFLite against Keras, as for the classifiers' exports
 GOALS = {"dice": 0.95, "tflite_bytes": 2_000_000, "app_ms_per_image": 50}  # issue 16 §2

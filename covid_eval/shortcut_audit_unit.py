@@ -13,7 +13,6 @@ data, segmenter and recipe find the complete unit and compute nothing; a unit wi
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import time
@@ -26,7 +25,6 @@ import numpy as np
 from covid_data.labels import CLASSES
 from covid_data.split import SplitRef
 from covid_data.store import Store, Unit, UnitCompleteError, open_store
-from covid_eval.segmenter_unit import MARKER as SEGMENTER_MARKER
 from covid_eval.shortcut_audit import (
     AuditConfig,
     audit_arrays,
@@ -37,7 +35,7 @@ from covid_eval.shortcut_audit import (
     weights_id,
 )
 from covid_models.data import decode_file, load_split_data
-from covid_models.segmenter import resize_images
+from covid_models.segmenter import load_segmenter, resize_images, segmenter_store
 
 log = logging.getLogger(__name__)
 
@@ -45,31 +43,8 @@ MARKER = "audit.json"
 EXAMPLES = "examples.png"
 
 
-class SegmenterUnitError(ValueError):
-    """The segmenter named for the audit is not a complete segmenter unit."""
-
-
 def audit_unit(store: Store, version: str, split_key: str, key: str) -> Unit:
     return Unit(store, f"datasets/{version}/audits/{split_key}/{key}", MARKER)
-
-
-def segmenter_store(uri: str) -> tuple[Store, str]:
-    """(store rooted at the unit, its key) of the complete segmenter unit at ``uri``."""
-    store = open_store(uri)
-    if not store.exists(SEGMENTER_MARKER):
-        raise SegmenterUnitError(f"{uri}: not a complete segmenter unit (no {SEGMENTER_MARKER}); train it first")
-    return store, store.uri.rstrip("/").rsplit("/", 1)[-1]
-
-
-def load_segmenter(uri: str, cache_dir: Path) -> tuple[Any, str, dict[str, Any]]:
-    """(model, unit key, record) of the complete segmenter unit at ``uri`` (``segmenters/<key>`` in a store)."""
-    import keras
-
-    store, key = segmenter_store(uri)
-    record = json.loads(store.read_text(SEGMENTER_MARKER))
-    local = store.local_path("model.keras")
-    path = local or store.get_file("model.keras", cache_dir / "segmenters" / key / "model.keras")
-    return keras.saving.load_model(path, safe_mode=True), key, record
 
 
 def read_images(files: list[str], size: int) -> np.ndarray:

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from covid_models.segmenter import load_segmenter
+
 MARGIN = 4  # pixels of the segmenter's grid the mask grows by (4 of 96: about 4% of the width)
 SOFT = 5  # width of the average pool that softens the mask's edge, in the segmenter's pixels
 NAME = "lung_fields"
@@ -80,7 +82,5 @@ def _window(a: np.ndarray, k: int, fn) -> np.ndarray:
 
 def load(uri: str, cache_dir: Path) -> tuple[Any, str]:
     """(U-Net, unit key) of the complete segmenter unit at ``uri`` (``<store>/segmenters/<key>``)."""
-    from covid_eval.shortcut_audit_unit import load_segmenter  # covid_eval builds on covid_models
-
     model, key, _ = load_segmenter(uri, cache_dir)
     return model, key

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import math
 import os
 import tempfile
@@ -25,12 +26,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from covid_data.store import Store
+from covid_data.store import Store, open_store
 from covid_models.checkpoints import Checkpoints
 
+UNIT_MARKER = "segmenter.json"  # a segmenter unit's completion marker (covid_eval.segmenter_unit writes it last)
 DEFAULT_FILTERS = (8, 16, 32, 64, 64)  # per level, top to bottom (the last is the bottleneck)
 CHECKPOINT_EVERY = 50  # batches at most between checkpoints: a kill loses at most this much training
 
@@ -67,6 +70,29 @@ def build_unet(size: int = 96, filters: tuple[int, ...] = DEFAULT_FILTERS, seed:
         x = block(x, filters[i], f"dec{i}", 1 if i == 0 else 2)
     out = keras.layers.Conv2D(1, 1, activation="sigmoid", name="lungs")(x)
     return keras.Model(inp, out, name="lung_unet")
+
+
+class SegmenterUnitError(ValueError):
+    """The segmenter named (for the audit, the app or a lung-field model) is not a complete segmenter unit."""
+
+
+def segmenter_store(uri: str) -> tuple[Store, str]:
+    """(store rooted at the unit, its key) of the complete segmenter unit at ``uri``."""
+    store = open_store(uri)
+    if not store.exists(UNIT_MARKER):
+        raise SegmenterUnitError(f"{uri}: not a complete segmenter unit (no {UNIT_MARKER}); train it first")
+    return store, store.uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def load_segmenter(uri: str, cache_dir: Path) -> tuple[Any, str, dict[str, Any]]:
+    """(model, unit key, record) of the complete segmenter unit at ``uri`` (``segmenters/<key>`` in a store)."""
+    import keras
+
+    store, key = segmenter_store(uri)
+    record = json.loads(store.read_text(UNIT_MARKER))
+    local = store.local_path("model.keras")
+    path = local or store.get_file("model.keras", cache_dir / "segmenters" / key / "model.keras")
+    return keras.saving.load_model(path, safe_mode=True), key, record
 
 
 def resize_images(images: list[np.ndarray], size: int) -> np.ndarray:

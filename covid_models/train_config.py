@@ -24,6 +24,7 @@ from typing import Any
 from covid_models.augment import RECIPES
 from covid_models.builders import MODEL_NAMES, check_head, is_transfer
 from covid_models.data import pipeline_version
+from covid_models.segmenter import segmenter_store
 from covid_models.strategy import AUTO, canonical_device, resolve_device
 from covid_models.weights import keras_file_names, resolve_imagenet
 
@@ -178,8 +179,6 @@ def lung_fields_fingerprint(cfg: TrainConfig) -> str | None:
 
 @cache
 def _segmenter_fingerprint(uri: str) -> str:
-    from covid_eval.shortcut_audit_unit import segmenter_store  # covid_eval builds on covid_models
-
     store, key = segmenter_store(uri)
     return f"{key}-{hashlib.sha256(store.read_bytes('model.keras')).hexdigest()[:12]}"
 

@@ -21,7 +21,6 @@ from tests.app_browser import (
     PHONE,
     PROB_TOLERANCE,
     SCREENSHOT,
-    SEGMENTER,
     Server,
     _classify,
     _pick,
@@ -29,12 +28,12 @@ from tests.app_browser import (
     _require_browser,
     _test_xrays,
     axe_violations,
-    client_rect,
+    check_lung_field_model,
+    check_lung_outline,
     installability_errors,
     phone_page,
     precache_list,
     publish_smoke_run,
-    python_lungs,
     turned_xray,
     worker_has_webgpu,
 )
@@ -106,63 +105,11 @@ def test_bundle_lists_the_runs_top_three(published):
 
 
 def test_the_lung_outline_is_the_run_segmenters_as_python_runs_it(page, published):
-    """The page's lung probabilities are the run's segmenter unit's, as Keras and Python's TFLite compute
-    them; the outline is drawn over the picture's own box and can be hidden (the bundle's side of it:
-    tests/test_app_lungs.py)."""
-    app, lungs = published["app"], published["data"]["lungs"]
-    run = json.loads((published["store"] / "runs" / published["run_id"] / "run.json").read_text())
-    unit = Path(run["shortcut_audit"]["segmenter_uri"].removeprefix("file://"))
-    assert (app / lungs["file"]).read_bytes() == (unit / "lung_unet.tflite").read_bytes()
-    size = lungs["input_size"]
-    assert size == SEGMENTER["size"]
-    for image in _test_xrays(published, 2):
-        _classify(page, image, published["data"]["models"][0]["name"])
-        page.wait_for_selector("#lung-outline[data-state='done']", timeout=60_000)
-        shown = np.array(page.evaluate("Array.from(window.covidApp.state.pick.lungs.prob)")).reshape(size, size)
-        by_tflite, by_keras = python_lungs(unit, image, size)
-        assert np.abs(shown - by_tflite).max() <= PROB_TOLERANCE and np.abs(shown - by_keras).max() <= PROB_TOLERANCE
-        share = float(page.get_attribute("#lung-outline", "data-share"))
-        assert share == pytest.approx(float((by_tflite > lungs["threshold"]).mean()), abs=1.5 / size**2)
-        rings = json.loads(page.get_attribute("#lung-outline", "data-rings"))
-        assert (len(rings) > 0) == (page.get_attribute("#lung-path", "d") != "") == (share > 0)
-        assert page.is_visible("#lung-bar") and page.inner_text("#lung-status").startswith("Lung outline by the run's")
-        box, img = client_rect(page, "#lung-outline"), client_rect(page, "#preview")
-        assert all(abs(box[k] - img[k]) <= 1 for k in ("x", "y", "width", "height")), (box, img)
-    page.uncheck("#show-lungs")
-    assert page.get_attribute("#lung-outline", "hidden") is not None
-    page.check("#show-lungs")
-    assert page.get_attribute("#lung-outline", "hidden") is None
+    check_lung_outline(page, published)
 
 
 def test_the_lung_field_model_carries_the_runs_segmenter_into_the_page(page, published):
-    """The custom CNN trained on the lung fields: its settings name the run's segmenter unit, what the app says
-    it is names it too, its app file holds the block's ops, and the page's
-    probabilities are Python's TFLite ones for it (directly, or inside the ensemble that averages it)."""
-    import tensorflow as tf
-
-    app, data = published["app"], published["data"]
-    run = json.loads((published["store"] / "runs" / published["run_id"] / "run.json").read_text())
-    seg_uri = run["shortcut_audit"]["segmenter_uri"]
-    key = seg_uri.rstrip("/").rsplit("/", 1)[-1]
-    direct = [m for m in data["models"] if m["name"] == "custom_cnn"]
-    members = [(m, x) for m in data["models"] for x in m.get("members", []) if x["name"] == "custom_cnn"]
-    assert direct or members, "the lung-field custom CNN is neither a published model nor an ensemble member"
-    entry, file = (direct[0], direct[0]["file"]) if direct else (members[0][0], members[0][1]["file"])
-    if direct:
-        stored = json.loads((app.parent / "models" / "custom_cnn" / "metrics.json").read_text())
-        assert stored["config"]["lung_fields"] == seg_uri
-        assert f"lung fields: the picture outside the lungs that segmenter {key} finds" in entry["weights"]
-    else:
-        assert "custom_cnn" in entry["weights"]
-    it = tf.lite.Interpreter(model_path=str(app / file))
-    ops = {d["op_name"] for d in it._get_ops_details()}
-    assert {"RESIZE_BILINEAR", "MAX_POOL_2D", "AVERAGE_POOL_2D", "MUL"} <= ops, ops
-    for image in _test_xrays(published, 2):
-        shown = _classify(page, image, entry["name"])
-        if direct:
-            ref = _python_probs(app / file, image, entry["input_size"], entry["channels"])
-            assert np.abs(shown - ref).max() <= PROB_TOLERANCE, (image.name, shown, ref)
-        assert shown.sum() == pytest.approx(1.0, abs=1e-4)
+    check_lung_field_model(page, published)
 
 
 def test_server_headers(server):

@@ -111,7 +111,7 @@ def test_keras_the_saved_file_tflite_and_core_ml_see_the_same_lung_fields(tmp_pa
 
 
 def test_grey_input_only_and_a_segmenter_unit_that_is_not_complete_is_named(tmp_path):
-    from covid_eval.shortcut_audit_unit import SegmenterUnitError
+    from covid_models.segmenter import SegmenterUnitError
     from covid_models.train_config import TrainConfig, slot_key
 
     with pytest.raises(ValueError, match="channels=1"):
@@ -136,9 +136,9 @@ def test_a_lung_field_training_keeps_the_segmenter_it_was_given(small_split, seg
     the saved model's lung fields equal to a block built from the unit."""
     import keras
 
-    from covid_eval.shortcut_audit_unit import load_segmenter
     from covid_models.describe import describe_weights
     from covid_models.feature_cache import feature_path
+    from covid_models.segmenter import load_segmenter
     from covid_models.train import train_model
     from covid_models.train_config import TrainConfig, slot_key
 

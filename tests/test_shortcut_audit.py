@@ -28,8 +28,9 @@ from covid_eval.shortcut_audit import (
     report_lines,
     score,
 )
-from covid_eval.shortcut_audit_unit import EXAMPLES, MARKER, SegmenterUnitError, audit_split, audit_unit
+from covid_eval.shortcut_audit_unit import EXAMPLES, MARKER, audit_split, audit_unit
 from covid_models.presets import get_preset
+from covid_models.segmenter import SegmenterUnitError
 from covid_models.weights import MissingWeightsError
 from covid_registry.run_folder import report_markdown
 from flows.retrain import retrain
