@@ -21,12 +21,7 @@ training data has to teach it what that means.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
 import numpy as np
-
-from covid_models.segmenter import load_segmenter
 
 MARGIN = 4  # pixels of the segmenter's grid the mask grows by (4 of 96: about 4% of the width)
 SOFT = 5  # width of the average pool that softens the mask's edge, in the segmenter's pixels
@@ -78,9 +73,3 @@ def _window(a: np.ndarray, k: int, fn) -> np.ndarray:
         for j in range(s):
             res[i, j] = fn(a[max(0, i - before) : i - before + k, max(0, j - before) : j - before + k])
     return res
-
-
-def load(uri: str, cache_dir: Path) -> tuple[Any, str]:
-    """(U-Net, unit key) of the complete segmenter unit at ``uri`` (``<store>/segmenters/<key>``)."""
-    model, key, _ = load_segmenter(uri, cache_dir)
-    return model, key

@@ -38,6 +38,7 @@ from covid_models.cli import parser
 from covid_models.data import global_batch_size, image_dataset, load_split_data
 from covid_models.feature_cache import compute_features
 from covid_models.metrics import plot_confusion, plot_history, split_metrics
+from covid_models.segmenter import load_segmenter
 from covid_models.stored import MARKER, model_slot
 from covid_models.strategy import check_device, select_strategy
 from covid_models.train_config import TrainConfig, library_versions, resolve_weights, training_identity
@@ -218,7 +219,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
 
     segmenter = None
     if cfg.lung_fields:
-        segmenter, seg_key = lung_fields.load(cfg.lung_fields, cache)
+        segmenter, seg_key, _ = load_segmenter(cfg.lung_fields, cache)
         log.info("%s classifies on the lung fields of segmenter %s (%s)", cfg.model, seg_key, cfg.lung_fields)
     with choice.strategy.scope():
         scratch_start = cfg.weights == "scratch"  # from random initialisation: every layer trains

@@ -247,9 +247,8 @@ def refuse_external_training(data: DataParams, promotion: PromotionParams) -> No
 def refuse_lung_fields_without_masks(data: DataParams, training: TrainingParams, preset: Preset) -> None:
     """Raise before anything runs when training.lung_fields cannot be met: no mask source to train the
     segmenter on, or a model this run does not train."""
-    if training.lung_fields and not data.lung_masks:
-        training.model_overrides(preset, None)  # raises, naming what is missing
-    training.model_overrides(preset, "checked")
+    if training.lung_fields:  # without masks there will be no segmenter: model_overrides names what is missing
+        training.model_overrides(preset, "to be trained" if data.lung_masks else None)
 
 
 def default_profile(source: str) -> str:
