@@ -28,8 +28,16 @@ PRECISIONS = ("float32", "float16", "int8")
 
 def main() -> None:
     from covid_app.app_models import GUARD_CHECK_IMAGES
-    from covid_app.guard import INPUT_SIZE, QUANTILE, _weights, feature_model, fit_subspace, score_model, scores
-    from covid_app.guard import tflite_scores
+    from covid_app.guard import (
+        INPUT_SIZE,
+        QUANTILE,
+        _weights,
+        feature_model,
+        fit_subspace,
+        score_model,
+        scores,
+        tflite_scores,
+    )
     from covid_models.data import load_split_data
     from covid_registry.convert import export_tflite
     from covid_registry.exports import sample_test_images
