@@ -34,6 +34,21 @@ def _images(paths) -> np.ndarray:
     return np.stack([decode_resize(str(p), INPUT_SIZE, 1).numpy() for p in paths])
 
 
+def outside_sets() -> dict[str, np.ndarray]:
+    """The pictures from outside the split that a guard is scored on, as its 128 px input: the non-chest
+    radiographs, the non-chest DICOM films, the photographs and the Shenzhen frontal X-rays."""
+    from tests.photographs import photographs
+
+    ood = sorted(p for p in OOD.glob("*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    shenzhen = sorted(p for d in ("Normal", "Tuberculosis") for p in (SHENZHEN / d).glob("*.png"))
+    return {
+        "non-chest radiographs": _images(ood),
+        "non-chest DICOM films": _images(sorted(p for p in DICOM.glob("*.dcm") if p.name not in DICOM_CHEST)),
+        "photographs": np.stack(list(photographs().values())),
+        "Shenzhen frontal X-rays": _images(shenzhen),
+    }
+
+
 def _features(model, images: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(model.predict_on_batch(images[i : i + 64].astype("float32")))
                            for i in range(0, len(images), 64)])  # fmt: skip
@@ -56,7 +71,6 @@ def main() -> None:
     from covid_models.metrics import wilson_interval
     from covid_registry.convert import export_tflite
     from covid_registry.exports import sample_test_images
-    from tests.photographs import photographs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layer", action="append", choices=CUTS, help="cuts to measure (default: all)")
@@ -64,16 +78,11 @@ def main() -> None:
     split = prepare_split()
     data = load_split_data(split)
     weights = _weights()
-    ood = sorted(p for p in OOD.glob("*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    shenzhen = sorted(p for d in ("Normal", "Tuberculosis") for p in (SHENZHEN / d).glob("*.png"))
     sets = {
         "train": _images(data.files("train")[0]),
         "val": _images(data.files("val")[0]),
         "test": _images(data.files("test")[0]),
-        "non-chest radiographs": _images(ood),
-        "non-chest DICOM films": _images(sorted(p for p in DICOM.glob("*.dcm") if p.name not in DICOM_CHEST)),
-        "photographs": np.stack(list(photographs().values())),
-        "Shenzhen frontal X-rays": _images(shenzhen),
+        **outside_sets(),
     }
     sets["test squeezed (proxy)"] = _squeezed(sets["test"])
     # The view check is training-free with thresholds from train+val cues: the same for every cut.

@@ -5,8 +5,8 @@
 The guard is fitted as ``covid_app.guard`` fits it (ImageNet MobileNetV2 ``out_relu`` at 128 px, the
 training features' top components, the threshold at the validation X-rays' 99.5% quantile) on the shared
 sample's split, exported at each precision, and each file scores, one picture at a time as the page does:
-the bundle's own check images (``covid_app.app_models.app_guard``'s bounds), the test X-rays, the Shenzhen
-frontal X-rays, the non-chest radiographs, the non-chest DICOM films and the photographs. Each row counts
+the bundle's own check images (``covid_app.app_models.app_guard``'s bounds), the test X-rays, and the
+pictures from outside the split (``benchmarks.guard_cut.outside_sets``). Each row counts
 the pictures a file flags by score and the pictures on which its flag differs from the float32 file's.
 Figures go to ``benchmarks/out/guard_precision.json``; the rule they decide is in BENCHMARKS.md ("The
 guard as int8").
@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import OUT_DIR, machine_info, machine_line, prepare_split, write_json
-from benchmarks.guard_cut import _features, _images
-from benchmarks.ood_guard import DICOM, DICOM_CHEST, OOD, SHENZHEN
+from benchmarks.guard_cut import _features, _images, outside_sets
 
 PRECISIONS = ("float32", "float16", "int8")
 
@@ -41,19 +40,13 @@ def main() -> None:
     from covid_models.data import load_split_data
     from covid_registry.convert import export_tflite
     from covid_registry.exports import sample_test_images
-    from tests.photographs import photographs
 
     split = prepare_split()
     data = load_split_data(split)
-    ood = sorted(p for p in OOD.glob("*/*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    shenzhen = sorted(p for d in ("Normal", "Tuberculosis") for p in (SHENZHEN / d).glob("*.png"))
     sets = {
         "check images (the bundle's)": sample_test_images(split, INPUT_SIZE, 1, GUARD_CHECK_IMAGES, None),
         "test X-rays": _images(data.files("test")[0]),
-        "Shenzhen frontal X-rays": _images(shenzhen),
-        "non-chest radiographs": _images(ood),
-        "non-chest DICOM films": _images(sorted(p for p in DICOM.glob("*.dcm") if p.name not in DICOM_CHEST)),
-        "photographs": np.stack(list(photographs().values())),
+        **outside_sets(),
     }
     fm = feature_model(_weights())
     mean, basis = fit_subspace(_features(fm, _images(data.files("train")[0])))
