@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from covid_models.equalize import NAME as EQUALIZE
+from covid_models.equalize import build_equalizer
+from covid_models.lung_fields import NAME as LUNG_FIELDS
 from covid_models.weights import keras_file_names, missing_weights, resolve_imagenet, weights_dir
 
 log = logging.getLogger(__name__)
@@ -199,6 +202,7 @@ def build_model(
     trainable: str | int = "frozen",
     head: str = "flatten",
     lung_fields=None,
+    equalize: bool = False,
 ):
     """Build one of the nine models.
 
@@ -213,6 +217,8 @@ def build_model(
         head: transfer models only: ``"flatten"`` (the paper's) or ``"pooled"`` (see :data:`HEADS`).
         lung_fields: a block from :func:`covid_models.lung_fields.build_lung_fields` (grey input only):
             the model then classifies the picture with everything outside the lungs blacked out.
+        equalize: histogram equalisation as the model's first step (grey input only; see
+            :mod:`covid_models.equalize`).
     """
     import keras
 
@@ -227,6 +233,10 @@ def build_model(
         if channels != 1:
             raise ValueError(f"lung fields need grey input (channels=1), got channels={channels}")
         x = lung_fields(x)
+    if equalize:
+        if channels != 1:
+            raise ValueError(f"equalisation needs grey input (channels=1), got channels={channels}")
+        x = build_equalizer(input_size)(x)
     x = preprocess_layer(arch.mode, channels)(x)
     check_head(name, head)
     if not arch.transfer:
@@ -259,9 +269,13 @@ def set_trainable(backbone, trainable: str | int) -> None:
 
 
 def features_input(model):
-    """The tensor the backbone's preprocessing reads: the model's input, or the lung fields' output."""
-    names = {layer.name for layer in model.layers}
-    return model.get_layer("lung_fields")(model.input) if "lung_fields" in names else model.input
+    """The tensor the backbone's preprocessing reads: the model's input through the blocks before it
+    (lung fields, equalisation), in the model's order."""
+    x = model.input
+    for layer in model.layers:
+        if layer.name in (LUNG_FIELDS, EQUALIZE):
+            x = layer(x)
+    return x
 
 
 def parts(model) -> tuple:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from covid_models.data import SplitData, image_dataset
+from covid_models.equalize import LEVELS
 from covid_models.train_config import TrainConfig, code_version, lung_fields_fingerprint, resolve_weights
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ def feature_path(cache: Path, data: SplitData, cfg: TrainConfig, split: str) -> 
     )
     if cfg.lung_fields:  # the backbone saw the lung fields, not the whole picture
         key += f"-lungs-{lung_fields_fingerprint(cfg)}"
+    if cfg.equalize:  # the backbone saw equalised pictures
+        key += f"-equalized{LEVELS}"
     return cache / "features" / key / f"{split}.npy"
 
 

@@ -231,6 +231,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
             trainable="all" if scratch_start else "frozen",
             head=cfg.head,
             lung_fields=_lung_block(segmenter, cfg),
+            equalize=cfg.equalize,
         )
     use_features = (
         is_transfer(cfg.model) and not scratch_start and cfg.feature_cache and not cfg.augment and choice.kind != "tpu"
@@ -390,6 +391,7 @@ def _inference_copy(model, cfg: TrainConfig, segmenter=None):
         weights="none",
         head=cfg.head,
         lung_fields=_lung_block(segmenter, cfg),
+        equalize=cfg.equalize,
     )
     fresh.set_weights(model.get_weights())
     return fresh

@@ -39,6 +39,7 @@ _TRAINING_CODE = (
     "metrics.py",
     "feature_cache.py",
     "lung_fields.py",
+    "equalize.py",
     "strategy.py",  # distribution and mixed precision
     "train.py",
     "train_config.py",
@@ -76,6 +77,8 @@ HELP: dict[str, str] = {
     "that selects another device stops with an error",
     "lung_fields": "URI of a complete lung segmenter unit (<store>/segmenters/<key>; grey input only): the model "
     "classifies the picture with everything outside the lungs blacked out, the segmenter frozen inside its graph",
+    "equalize": "histogram equalisation inside the model's graph (grey input only): each image mapped through its "
+    "own cumulative histogram before the network sees it, in training, export and the app alike",
     "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch",
 }
 
@@ -112,6 +115,7 @@ class TrainConfig:
     # (resolved when configs are planned; the slot key never hashes "auto")
     device: str = AUTO
     lung_fields: str | None = None  # a segmenter unit's URI: classify on the lung fields (covid_models.lung_fields)
+    equalize: bool = False  # histogram equalisation inside the model (covid_models.equalize)
     verbose: int = 2  # Keras progress: 2 = one line per epoch (readable in Prefect logs)
 
     def __post_init__(self):
@@ -123,6 +127,11 @@ class TrainConfig:
         check_head(self.model, self.head)
         if self.lung_fields and self.channels != 1:
             raise ValueError(f"lung_fields needs grey input (channels=1), got channels={self.channels}")
+        if self.equalize and self.channels != 1:
+            raise ValueError(f"equalize needs grey input (channels=1), got channels={self.channels}")
+        if self.equalize and self.lung_fields:
+            # The segmenter learned raw pictures, and half of a lung-field picture is black: neither order holds.
+            raise ValueError("equalize and lung_fields cannot be combined: choose one")
         if is_transfer(self.model) and self.weights == "none":
             # A head on a frozen random backbone learns next to nothing, and would be published as "vgg16".
             raise ValueError(

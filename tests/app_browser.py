@@ -246,8 +246,8 @@ def worker_has_webgpu(page) -> bool:
 
 def publish_smoke_run(base: Path, lung_masks: Path) -> dict:
     """A smoke run published with its app bundle, the Shenzhen subset as a negative external set and a lung
-    segmenter trained on ``lung_masks``, the custom CNN on its lung fields: store, run id, the bundle's folder
-    and data, the environment."""
+    segmenter trained on ``lung_masks``, the custom CNN on its lung fields and MobileNetV2 histogram-equalised:
+    store, run id, the bundle's folder and data, the environment."""
     import os
 
     require_shared(SAMPLE, MOBILENET_WEIGHTS, SHENZHEN)
@@ -267,6 +267,7 @@ def publish_smoke_run(base: Path, lung_masks: Path) -> dict:
     cmd += ["--external-source", json.dumps({"uri": str(negative), "kind": "negative", "about": about})]
     cmd += ["--lung-masks", str(lung_masks), "--segmenter", json.dumps(SEGMENTER)]
     cmd += ["--lung-fields", "custom_cnn"]  # the segmenter inside the custom CNN's graph, and so in its app file
+    cmd += ["--overrides", json.dumps({"mobilenet_v2": {"equalize": True}})]  # histogram equalisation in its graph
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (run_id,) = [p.name for p in (store / "runs").iterdir()]
@@ -286,35 +287,54 @@ def client_rect(page, selector: str) -> dict:
     return json.loads(page.eval_on_selector(selector, "e => JSON.stringify(e.getBoundingClientRect())"))
 
 
-def check_lung_field_model(page, published: dict) -> None:
-    """The custom CNN trained on the lung fields: its settings name the run's segmenter unit, what the app says
-    it is names it too, its app file holds the block's ops, and the page's
-    probabilities are Python's TFLite ones for it (directly, or inside the ensemble that averages it)."""
+def _in_the_page(page, published: dict, name: str, block_ops: set[str]) -> tuple[dict, bool]:
+    """Model ``name`` as the app ships it, directly or as an ensemble member: its app file holds
+    ``block_ops``, and the page's probabilities are Python's TFLite ones for it (directly, or inside the
+    ensemble that averages it). Returns (its app entry, or the ensemble's; whether it is published directly)."""
     import tensorflow as tf
 
     app, data = published["app"], published["data"]
-    run = json.loads((published["store"] / "runs" / published["run_id"] / "run.json").read_text())
-    seg_uri = run["shortcut_audit"]["segmenter_uri"]
-    key = seg_uri.rstrip("/").rsplit("/", 1)[-1]
-    direct = [m for m in data["models"] if m["name"] == "custom_cnn"]
-    members = [(m, x) for m in data["models"] for x in m.get("members", []) if x["name"] == "custom_cnn"]
-    assert direct or members, "the lung-field custom CNN is neither a published model nor an ensemble member"
+    direct = [m for m in data["models"] if m["name"] == name]
+    members = [(m, x) for m in data["models"] for x in m.get("members", []) if x["name"] == name]
+    assert direct or members, f"{name} is neither a published model nor an ensemble member"
     entry, file = (direct[0], direct[0]["file"]) if direct else (members[0][0], members[0][1]["file"])
-    if direct:
-        stored = json.loads((app.parent / "models" / "custom_cnn" / "metrics.json").read_text())
-        assert stored["config"]["lung_fields"] == seg_uri
-        assert f"lung fields: the picture outside the lungs that segmenter {key} finds" in entry["weights"]
-    else:
-        assert "custom_cnn" in entry["weights"]
     it = tf.lite.Interpreter(model_path=str(app / file))
     ops = {d["op_name"] for d in it._get_ops_details()}
-    assert {"RESIZE_BILINEAR", "MAX_POOL_2D", "AVERAGE_POOL_2D", "MUL"} <= ops, ops
+    assert block_ops <= ops, ops
     for image in _test_xrays(published, 2):
         shown = _classify(page, image, entry["name"])
         if direct:
             ref = _python_probs(app / file, image, entry["input_size"], entry["channels"])
             assert np.abs(shown - ref).max() <= PROB_TOLERANCE, (image.name, shown, ref)
         assert shown.sum() == pytest.approx(1.0, abs=1e-4)
+    return entry, bool(direct)
+
+
+def _stored_config(published: dict, name: str) -> dict:
+    return json.loads((published["app"].parent / "models" / name / "metrics.json").read_text())["config"]
+
+
+def check_lung_field_model(page, published: dict) -> None:
+    """The custom CNN trained on the lung fields: its settings name the run's segmenter unit, what the app says
+    it is names it too, and the page runs its app file, the block's ops included, as Python does."""
+    run = json.loads((published["store"] / "runs" / published["run_id"] / "run.json").read_text())
+    seg_uri = run["shortcut_audit"]["segmenter_uri"]
+    key = seg_uri.rstrip("/").rsplit("/", 1)[-1]
+    entry, direct = _in_the_page(page, published, "custom_cnn", {"RESIZE_BILINEAR", "MAX_POOL_2D", "AVERAGE_POOL_2D"})
+    if direct:
+        assert _stored_config(published, "custom_cnn")["lung_fields"] == seg_uri
+        assert f"lung fields: the picture outside the lungs that segmenter {key} finds" in entry["weights"]
+    else:
+        assert "custom_cnn" in entry["weights"]
+
+
+def check_equalized_model(page, published: dict) -> None:
+    """MobileNetV2 with histogram equalisation in its graph: its settings and what the app says it is name it,
+    and the page runs its app file, the block's ops included, as Python does."""
+    entry, direct = _in_the_page(page, published, "mobilenet_v2", {"MEAN", "MINIMUM", "SUB", "MUL"})
+    assert _stored_config(published, "mobilenet_v2")["equalize"] is True
+    if direct:
+        assert "histogram-equalised inside the model" in entry["weights"]
 
 
 def check_lung_outline(page, published: dict) -> None:

@@ -28,6 +28,7 @@ from tests.app_browser import (
     _require_browser,
     _test_xrays,
     axe_violations,
+    check_equalized_model,
     check_lung_field_model,
     check_lung_outline,
     installability_errors,
@@ -110,6 +111,10 @@ def test_the_lung_outline_is_the_run_segmenters_as_python_runs_it(page, publishe
 
 def test_the_lung_field_model_carries_the_runs_segmenter_into_the_page(page, published):
     check_lung_field_model(page, published)
+
+
+def test_the_equalised_model_runs_its_histogram_equalisation_in_the_page(page, published):
+    check_equalized_model(page, published)
 
 
 def test_server_headers(server):
