@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from covid_models.blur import NAME as BLUR
+from covid_models.blur import build_blur
 from covid_models.equalize import NAME as EQUALIZE
 from covid_models.equalize import build_equalizer
 from covid_models.lung_fields import NAME as LUNG_FIELDS
@@ -203,6 +205,7 @@ def build_model(
     head: str = "flatten",
     lung_fields=None,
     equalize: bool = False,
+    blur_sigma: float = 0.0,
 ):
     """Build one of the nine models.
 
@@ -219,6 +222,8 @@ def build_model(
             the model then classifies the picture with everything outside the lungs blacked out.
         equalize: histogram equalisation as the model's first step (grey input only; see
             :mod:`covid_models.equalize`).
+        blur_sigma: a fixed Gaussian blur of this many input pixels before the network (0: none; see
+            :mod:`covid_models.blur`).
     """
     import keras
 
@@ -233,6 +238,8 @@ def build_model(
         if channels != 1:
             raise ValueError(f"lung fields need grey input (channels=1), got channels={channels}")
         x = lung_fields(x)
+    if blur_sigma:
+        x = build_blur(input_size, blur_sigma, channels)(x)
     if equalize:
         if channels != 1:
             raise ValueError(f"equalisation needs grey input (channels=1), got channels={channels}")
@@ -270,10 +277,10 @@ def set_trainable(backbone, trainable: str | int) -> None:
 
 def features_input(model):
     """The tensor the backbone's preprocessing reads: the model's input through the blocks before it
-    (lung fields, equalisation), in the model's order."""
+    (lung fields, blur, equalisation), in the model's order."""
     x = model.input
     for layer in model.layers:
-        if layer.name in (LUNG_FIELDS, EQUALIZE):
+        if layer.name in (LUNG_FIELDS, BLUR, EQUALIZE):
             x = layer(x)
     return x
 

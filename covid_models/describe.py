@@ -19,6 +19,8 @@ def describe_weights(model: str, config: dict[str, Any], weights: dict[str, Any]
             f"; classifies on the lung fields: the picture outside the lungs that segmenter {key} finds (grown by "
             f"{MARGIN} of its pixels, edge softened) is blacked out inside the model"
         )
+    if config.get("blur_sigma"):
+        text += f"; blurred inside the model: a fixed Gaussian of sigma {config['blur_sigma']:g} of its input pixels"
     if config.get("equalize"):
         text += "; histogram-equalised inside the model: each X-ray mapped through its own cumulative histogram"
     return text

@@ -36,6 +36,8 @@ def feature_path(cache: Path, data: SplitData, cfg: TrainConfig, split: str) -> 
     )
     if cfg.lung_fields:  # the backbone saw the lung fields, not the whole picture
         key += f"-lungs-{lung_fields_fingerprint(cfg)}"
+    if cfg.blur_sigma:  # the backbone saw blurred pictures
+        key += f"-blur{cfg.blur_sigma:g}"
     if cfg.equalize:  # the backbone saw equalised pictures
         key += f"-equalized{LEVELS}"
     return cache / "features" / key / f"{split}.npy"

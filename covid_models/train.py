@@ -232,6 +232,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
             head=cfg.head,
             lung_fields=_lung_block(segmenter, cfg),
             equalize=cfg.equalize,
+            blur_sigma=cfg.blur_sigma,
         )
     use_features = (
         is_transfer(cfg.model) and not scratch_start and cfg.feature_cache and not cfg.augment and choice.kind != "tpu"
@@ -392,6 +393,7 @@ def _inference_copy(model, cfg: TrainConfig, segmenter=None):
         head=cfg.head,
         lung_fields=_lung_block(segmenter, cfg),
         equalize=cfg.equalize,
+        blur_sigma=cfg.blur_sigma,
     )
     fresh.set_weights(model.get_weights())
     return fresh

@@ -40,6 +40,7 @@ _TRAINING_CODE = (
     "feature_cache.py",
     "lung_fields.py",
     "equalize.py",
+    "blur.py",
     "strategy.py",  # distribution and mixed precision
     "train.py",
     "train_config.py",
@@ -79,6 +80,8 @@ HELP: dict[str, str] = {
     "classifies the picture with everything outside the lungs blacked out, the segmenter frozen inside its graph",
     "equalize": "histogram equalisation inside the model's graph (grey input only): each image mapped through its "
     "own cumulative histogram before the network sees it, in training, export and the app alike",
+    "blur_sigma": "a fixed Gaussian blur of this many pixels of the model's input inside its graph, before the "
+    "network, in training, export and the app alike (0: none)",
     "verbose": "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch",
 }
 
@@ -116,6 +119,7 @@ class TrainConfig:
     device: str = AUTO
     lung_fields: str | None = None  # a segmenter unit's URI: classify on the lung fields (covid_models.lung_fields)
     equalize: bool = False  # histogram equalisation inside the model (covid_models.equalize)
+    blur_sigma: float = 0.0  # a fixed Gaussian blur of this many input pixels inside the model; 0 = none
     verbose: int = 2  # Keras progress: 2 = one line per epoch (readable in Prefect logs)
 
     def __post_init__(self):
@@ -129,6 +133,8 @@ class TrainConfig:
             raise ValueError(f"lung_fields needs grey input (channels=1), got channels={self.channels}")
         if self.equalize and self.channels != 1:
             raise ValueError(f"equalize needs grey input (channels=1), got channels={self.channels}")
+        if self.blur_sigma < 0:
+            raise ValueError(f"blur_sigma must be 0 (no blur) or positive, got {self.blur_sigma}")
         if self.equalize and self.lung_fields:
             # The segmenter learned raw pictures, and half of a lung-field picture is black: neither order holds.
             raise ValueError("equalize and lung_fields cannot be combined: choose one")

@@ -14,16 +14,11 @@ import pytest
 
 from covid_models import equalize
 from covid_models.builders import build_model
-from covid_models.segmenter import resize_images
-from tests.conftest import sample_files
+from tests.input_blocks import resized_xrays, saved_and_reloaded
 
 
-def _xrays(n_per_class: int, size: int, seed: int = 9) -> np.ndarray:
-    """Real X-rays of the shared sample, resized as the pipeline resizes them: float32 [N, size, size, 1]."""
-    from PIL import Image
-
-    files = [f for fs in sample_files(n_per_class, seed).values() for f in fs]
-    return resize_images([np.asarray(Image.open(f).convert("L")) for f in files], size).astype("float32")
+def _xrays(n_per_class: int, size: int) -> np.ndarray:
+    return resized_xrays(n_per_class, size, seed=9)
 
 
 def _equalise(images: np.ndarray) -> np.ndarray:
@@ -90,14 +85,7 @@ def test_keras_the_saved_file_tflite_and_core_ml_see_the_same_equalised_pixels(t
 
     model = build_model("custom_cnn", input_size=40, weights="none", equalize=True)
     x = _xrays(2, 40)
-    p = np.asarray(model.predict(x, verbose=0))
-    model.save(tmp_path / "m.keras")
-    again = keras.saving.load_model(tmp_path / "m.keras", safe_mode=True)
-    np.testing.assert_array_equal(np.asarray(again.predict(x, verbose=0)), p)
-
-    # Whatever the network sees comes through the block: without it the probabilities change.
-    body = keras.Model(model.get_layer("preprocess").input, model.output)
-    assert not np.allclose(np.asarray(body.predict(x, verbose=0)), p, atol=1e-4)
+    again, p = saved_and_reloaded(model, x, tmp_path)  # the network sees the block, and so does the file
 
     for precision, tolerance in (("float32", 1e-5), ("float16", 1e-3), ("int8", 2e-2)):
         export_tflite(again, tmp_path / f"m-{precision}.tflite", precision)
