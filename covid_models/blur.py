@@ -5,8 +5,8 @@ leaves 8x8 JPEG blocks sharp in some classes and softened in others: fine textur
 instead of the lungs. A blur of fixed width in front of the network, in training and inference alike,
 removes that band of frequencies from every picture the model sees. Like the other input blocks it is
 plain Keras layers (a frozen depthwise convolution), so the ``.keras`` file, its TFLite and Core ML
-exports and the phone app run it alike; its 121 weights are too few for TFLite's dynamic-range
-quantisation, so an ``int8`` export computes it in float32.
+exports and the phone app run it alike; its (2r + 1)² weights (121 at sigma 1.5) are too few for
+TFLite's dynamic-range quantisation, so an ``int8`` export computes it in float32.
 
 The kernel is a normalised Gaussian of radius ``ceil(3 sigma)``; beyond the picture's edge it reads
 zeros (Keras' ``same`` padding), as ``scipy.ndimage.gaussian_filter(mode="constant")`` does.
