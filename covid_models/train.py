@@ -230,9 +230,7 @@ def train_model(cfg: TrainConfig) -> TrainResult:
             weights="none" if scratch_start else cfg.weights,
             trainable="all" if scratch_start else "frozen",
             head=cfg.head,
-            lung_fields=_lung_block(segmenter, cfg),
-            equalize=cfg.equalize,
-            blur_sigma=cfg.blur_sigma,
+            **_input_blocks(segmenter, cfg),
         )
     use_features = (
         is_transfer(cfg.model) and not scratch_start and cfg.feature_cache and not cfg.augment and choice.kind != "tpu"
@@ -296,6 +294,12 @@ def train_model(cfg: TrainConfig) -> TrainResult:
     # With extra sources, each source's figures beside the pooled ones.
     metrics = {s: split_metrics(p, data.files(s)[1], data.sources(s)) for s, p in probs.items()}
     return _publish(slot, cfg, model, history, metrics, train_seconds, feature_seconds, runtime, scratch, segmenter)
+
+
+def _input_blocks(segmenter, cfg: TrainConfig) -> dict:
+    """build_model's arguments for the frozen blocks in front of the network (lung fields, blur,
+    equalisation): the trained model and its inference copy must be built alike."""
+    return {"lung_fields": _lung_block(segmenter, cfg), "equalize": cfg.equalize, "blur_sigma": cfg.blur_sigma}
 
 
 def _lung_block(segmenter, cfg: TrainConfig):
@@ -391,9 +395,7 @@ def _inference_copy(model, cfg: TrainConfig, segmenter=None):
         channels=cfg.channels,
         weights="none",
         head=cfg.head,
-        lung_fields=_lung_block(segmenter, cfg),
-        equalize=cfg.equalize,
-        blur_sigma=cfg.blur_sigma,
+        **_input_blocks(segmenter, cfg),
     )
     fresh.set_weights(model.get_weights())
     return fresh
