@@ -282,9 +282,12 @@ def precache_list(app: Path) -> list[dict]:
     return json.loads(re.search(r"(\[\{\"url\".*?\}\])", (app / "sw.js").read_text()).group(1))
 
 
-def client_rect(page, selector: str) -> dict:
-    """The element's bounding box on the page: x, y, width, height."""
-    return json.loads(page.eval_on_selector(selector, "e => JSON.stringify(e.getBoundingClientRect())"))
+def client_rects(page, *selectors: str) -> list[dict]:
+    """The elements' bounding boxes on the page (x, y, width, height), read in one script so that they
+    describe the same frame: the results screen scrolls smoothly into view, and two separate reads can
+    straddle a step of that scroll."""
+    script = "sels => JSON.stringify(sels.map(s => document.querySelector(s).getBoundingClientRect()))"
+    return json.loads(page.evaluate(script, list(selectors)))
 
 
 def _in_the_page(page, published: dict, name: str, block_ops: set[str]) -> tuple[dict, bool]:
@@ -358,7 +361,7 @@ def check_lung_outline(page, published: dict) -> None:
         rings = json.loads(page.get_attribute("#lung-outline", "data-rings"))
         assert (len(rings) > 0) == (page.get_attribute("#lung-path", "d") != "") == (share > 0)
         assert page.is_visible("#lung-bar") and page.inner_text("#lung-status").startswith("Lung outline by the run's")
-        box, img = client_rect(page, "#lung-outline"), client_rect(page, "#preview")
+        box, img = client_rects(page, "#lung-outline", "#preview")
         assert all(abs(box[k] - img[k]) <= 1 for k in ("x", "y", "width", "height")), (box, img)
     page.uncheck("#show-lungs")
     assert page.get_attribute("#lung-outline", "hidden") is not None
